@@ -1,0 +1,57 @@
+"""surgery: architecture surgery on pretrained transformers.
+
+Find every attention block, replace it with a cheaper learnable sequence mixer (multi-head LSTM,
+GRU, convolution), distill the replacements against the original attention, then prune.
+"""
+
+from surgery.checkpoint import load, save
+from surgery.errors import (
+    DataError,
+    ManifestError,
+    NoAttentionFoundError,
+    PruningError,
+    SurgeryError,
+    UnknownNameError,
+    UnsupportedSiteError,
+    WeightsUnavailableError,
+)
+from surgery.locate import find_attention
+from surgery.registry import MixerShape, ReplacementConfig, list_replacements, register_replacement
+from surgery.sites import AttentionSite
+from surgery.swap import (
+    ReplacedAttention,
+    ReplacementReport,
+    count_parameters,
+    finalize,
+    replace_attention,
+    restore_attention,
+    use_original_attention,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSite",
+    "DataError",
+    "ManifestError",
+    "MixerShape",
+    "NoAttentionFoundError",
+    "PruningError",
+    "ReplacedAttention",
+    "ReplacementConfig",
+    "ReplacementReport",
+    "SurgeryError",
+    "UnknownNameError",
+    "UnsupportedSiteError",
+    "WeightsUnavailableError",
+    "count_parameters",
+    "finalize",
+    "find_attention",
+    "list_replacements",
+    "load",
+    "register_replacement",
+    "replace_attention",
+    "restore_attention",
+    "save",
+    "use_original_attention",
+]

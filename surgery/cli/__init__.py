@@ -1,0 +1,15 @@
+"""The ``surgery`` command line (typer). The core library never imports this package."""
+
+from __future__ import annotations
+
+import typer
+
+from surgery.cli import core
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Architecture surgery on pretrained transformers: replace attention, distill, prune.")
+core.register(app)
+
+
+def main() -> None:
+    app()

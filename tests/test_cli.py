@@ -1,0 +1,66 @@
+"""The CLI: list, inspect, replace; bad input gives one line and exit code 2."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from surgery.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_list_json():
+    result = invoke("list", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {"mhlstm", "gru", "conv"} <= {r["name"] for r in data["replacements"]}
+    assert data["aliases"]["deit_base"] == "deit_base_patch16_224"
+
+
+def test_inspect_model_json():
+    result = invoke("inspect", "--model", "deit_tiny", "--random-init", "--json")
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.stdout)
+    assert len(sites) == 12 and sites[0]["name"] == "blocks.0.attn" and sites[0]["num_heads"] == 3
+
+
+def test_replace_then_inspect_run(tmp_path):
+    out = tmp_path / "run"
+    result = invoke("replace", "--model", "deit_tiny", "--with", "mhlstm", "--random-init", "--out", str(out),
+                    "--set", "hidden_per_head=32")
+    assert result.exit_code == 0, result.output
+    assert "blocks.11.attn" in result.stdout
+    listing = invoke("inspect", str(out), "--json")
+    manifest = json.loads(listing.stdout)
+    assert len(manifest["sites"]) == 12
+    assert manifest["sites"][0]["config"]["hidden_per_head"] == 32
+    assert manifest["source"] == "deit_tiny_patch16_224"
+
+
+def test_replace_minilm_table(tmp_path):
+    result = invoke("replace", "--model", "minilm", "--with", "conv", "--out", str(tmp_path / "m"))
+    assert result.exit_code == 0, result.output
+    assert "encoder.layer.5.attention.self" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["replace", "--model", "deit_tny", "--random-init"], "Did you mean 'deit_tiny'"),
+    (["replace", "--model", "deit_tiny", "--with", "lstm", "--random-init"], "unknown replacement"),
+    (["replace", "--model", "deit_tiny", "--random-init", "--set", "depth"], "key=value"),
+    (["replace", "--model", "deit_tiny", "--random-init", "--set", "kernel=3"], "unknown setting"),
+    (["inspect", "/nonexistent/run"], "no manifest.json"),
+    (["inspect"], "either a saved directory"),
+    (["inspect", "--model", "hf:/nonexistent/dir"], "offline"),
+    (["replace", "--model", "deit_tiny", "--checkpoint", "/nonexistent.pth"], "does not exist"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
