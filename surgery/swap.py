@@ -80,6 +80,7 @@ class ReplacedAttention(nn.Module):
             if self.original is None:
                 raise SurgeryError(f"site {self.site.name!r} was finalized: its original is gone")
             return self.original(*args, **kwargs)
+        _refuse_filled_cache(self.site.name, kwargs)
         hidden, valid = self.read_inputs(args, kwargs)
         output = self.project(self.mixer(hidden, valid))
         return self.pack_output(output)
@@ -104,6 +105,22 @@ class ReplacedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}, replacement={self.replacement!r}, finalized={self.finalized}"
+
+
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _refuse_filled_cache(site: str, kwargs: dict) -> None:
+    # A sequence mixer sees only the tokens it is given: with earlier tokens held in a KV cache
+    # (incremental decoding) its output would silently be wrong.
+    for key in _CACHE_KWARGS:
+        cache = kwargs.get(key)
+        length = getattr(cache, "get_seq_length", None)
+        if cache is not None and callable(length) and length() > 0:
+            raise SurgeryError(
+                f"site {site!r} got a filled KV cache: incremental decoding is not supported with "
+                "replaced attention; call the model on the full sequence with use_cache=False"
+            )
 
 
 def _attribute_name(path: str | None) -> str | None:

@@ -203,3 +203,13 @@ def test_manifest_that_does_not_match_the_model(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(surgery.ManifestError, match="allow_code"):
         surgery.load(tmp_path)
+
+
+def test_incremental_decoding_with_a_cache_is_refused():
+    model, inputs = build("hf_gpt2")
+    reference = model(**inputs, use_cache=True).past_key_values
+    surgery.replace_attention(model, "mhlstm", inputs)
+    assert reference.get_seq_length() == 12
+    with pytest.raises(surgery.SurgeryError, match="use_cache=False"):
+        model(input_ids=inputs["input_ids"][:, :1], past_key_values=reference)
+    assert isinstance(model(**inputs, use_cache=False).last_hidden_state, torch.Tensor)
