@@ -213,3 +213,34 @@ def test_incremental_decoding_with_a_cache_is_refused():
     with pytest.raises(surgery.SurgeryError, match="use_cache=False"):
         model(input_ids=inputs["input_ids"][:, :1], past_key_values=reference)
     assert isinstance(model(**inputs, use_cache=False).last_hidden_state, torch.Tensor)
+
+
+@pytest.mark.parametrize("replacement", REPLACEMENTS)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padding_does_not_leak_into_real_tokens(replacement, attention):
+    from transformers import BertConfig, BertModel
+
+    from models import ids
+
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, attn_implementation=attention)).eval()
+    tokens = ids(2, 12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    surgery.replace_attention(model, replacement, {"input_ids": tokens, "attention_mask": mask})
+    with torch.no_grad():
+        padded = model(input_ids=tokens, attention_mask=mask).last_hidden_state[1, :8]
+        alone = model(input_ids=tokens[1:, :8]).last_hidden_state[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("replacement", REPLACEMENTS)
+def test_key_padding_mask_of_torch_encoder(replacement):
+    model, inputs = build("torch_encoder")
+    surgery.replace_attention(model, replacement, inputs)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():
+        padded = model(inputs, src_key_padding_mask=pad)[1, :4]
+        alone = model(inputs[1:, :4])[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
