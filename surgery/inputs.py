@@ -45,7 +45,8 @@ def without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 16) -> Inputs:
-    """Example inputs for timm models, HF models and ``nn.TransformerEncoder``; error otherwise.
+    """Example inputs for timm models, HF models and ``nn.TransformerEncoder``, or from the model's
+    own ``example_inputs()`` method; error otherwise.
 
     Example:
         >>> import timm
@@ -53,6 +54,9 @@ def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 16) 
         >>> tuple(args[0].shape)
         (1, 3, 224, 224)
     """
+    own = getattr(model, "example_inputs", None)
+    if callable(own):  # a user model may say what it accepts (also used for py:<module>:<factory>)
+        return as_args_kwargs(own())
     generator = torch.Generator().manual_seed(0)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
@@ -82,6 +86,6 @@ def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 16) 
         shape = (batch, seq_len, dim) if layer.self_attn.batch_first else (seq_len, batch, dim)
         return (torch.randn(*shape, generator=generator).to(device),), {}
     raise SurgeryError(
-        f"cannot guess example inputs for {type(model).__name__}; pass example_inputs=... "
-        "(a tensor, a tuple of arguments or a dict of keyword arguments)"
+        f"cannot guess example inputs for {type(model).__name__}; pass example_inputs=... (a tensor, "
+        "a tuple of arguments or a dict of keyword arguments) or give the model an example_inputs() method"
     )

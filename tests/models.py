@@ -137,3 +137,15 @@ def main_tensor(output) -> torch.Tensor:
     if hasattr(output, "last_hidden_state"):
         return output.last_hidden_state
     return output[0]
+
+
+class HandWrittenWithExamples(HandWrittenModel):
+    """A user model that says what it accepts, for the CLI's ``py:<module>:<factory>`` spec."""
+
+    def example_inputs(self):
+        return ids(2, 10, vocab=50)
+
+
+def hand_written_factory():
+    torch.manual_seed(0)
+    return HandWrittenWithExamples()

@@ -64,3 +64,13 @@ def test_bad_input_is_one_line_exit_2(args, message):
     assert message in result.stderr
     assert "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_py_model_spec(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    result = invoke("replace", "--model", "py:models:hand_written_factory", "--with", "gru",
+                    "--out", str(tmp_path / "r"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["sites"] == 2
+    listing = invoke("inspect", str(tmp_path / "r"), "--json")
+    assert json.loads(listing.stdout)["source"] == "py:models:hand_written_factory"
