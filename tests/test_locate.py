@@ -84,3 +84,33 @@ def test_cross_attention_is_reported_and_refused():
 def test_causal_probe_on_hand_written_model():
     sites = surgery.find_attention(HandWrittenModel(causal=True), ids(vocab=50))
     assert all(s.causal for s in sites)
+
+
+def _more_families():
+    from transformers import (DistilBertConfig, DistilBertModel, LlamaConfig, LlamaModel, T5Config,
+                              T5EncoderModel)
+
+    return {
+        "llama": (lambda: LlamaModel(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2)), "layers.0.self_attn", True, "o_proj"),
+        "t5_encoder": (lambda: T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64,
+                                                       num_layers=2, num_heads=4)),
+                       "encoder.block.0.layer.0.SelfAttention", False, "o"),
+        "distilbert": (lambda: DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4,
+                                                                hidden_dim=64)),
+                       "transformer.layer.0.attention", False, "out_lin"),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "t5_encoder", "distilbert"])
+def test_more_hf_families(family):
+    factory, first, causal, out_proj = _more_families()[family]
+    model = factory().eval()
+    inputs = {"input_ids": ids(2, 10)}
+    sites = surgery.find_attention(model, inputs)
+    assert len(sites) == 2 and sites[0].name == first
+    assert sites[0].causal is causal and sites[0].out_proj == out_proj and sites[0].num_heads == 4
+    reference = model(**inputs).last_hidden_state
+    surgery.replace_attention(model, "mhlstm", inputs, sites=sites)
+    assert model(**inputs).last_hidden_state.shape == reference.shape
