@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.prune.groups import Bundle, ReplacementPruner, UnitSet, _cut_linear, score_units, shrink
 from surgery.registry import MixerShape, ReplacementConfig, register_replacement
 
 
@@ -24,7 +25,49 @@ class TokenConvolutionConfig(ReplacementConfig):
     layers: int = 2
 
 
-@register_replacement("conv", config=TokenConvolutionConfig)
+class TokenConvolutionPruner(ReplacementPruner):
+    """Prunes ``TokenConvolution`` for torch-pruning and the global ranking.
+
+    Internal unit: channel c of the mixer's width: row c of ``pre_proj`` (and bias), channel c of
+    every depthwise convolution (weight and bias), column c of ``out``. External channels
+    (torch-pruning's view): inputs = ``pre_proj`` columns, outputs = ``out`` rows.
+    """
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out.out_features
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        _cut_linear(layer.out, idxs, dim=0)
+        return layer
+
+    def unit_bundles(self, layer: nn.Module, name: str) -> list[Bundle]:
+        width = layer.pre_proj.out_features
+        rows = torch.arange(width).unsqueeze(1)
+        parts = [("pre_proj.weight", 0, rows), ("out.weight", 1, rows)]
+        if layer.pre_proj.bias is not None:
+            parts.append(("pre_proj.bias", 0, rows))
+        for i, conv in enumerate(layer.convs):
+            parts.append((f"convs.{i}.weight", 0, rows))
+            if conv.bias is not None:
+                parts.append((f"convs.{i}.bias", 0, rows))
+        sets = [UnitSet("channels", width, parts)]
+
+        def score(criterion):
+            return [score_units(layer, s, criterion) for s in sets]
+
+        def apply(removed):
+            shrink(layer, sets, removed)
+            kept = layer.pre_proj.weight.shape[0]
+            layer.pre_proj.out_features = kept
+            layer.out.in_features = kept
+            for conv in layer.convs:
+                conv.in_channels = conv.out_channels = conv.groups = kept
+
+        return [Bundle(name, "conv", width, score, apply, modules=[layer.pre_proj, layer.out, *layer.convs],
+                       set_names=["channels"], owner=layer, unit_sets=sets)]
+
+
+@register_replacement("conv", config=TokenConvolutionConfig, pruner=TokenConvolutionPruner)
 class TokenConvolution(nn.Module):
     """Depthwise convolution over tokens plus pointwise projection; causal padding at causal sites."""
 

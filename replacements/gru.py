@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from replacements.recurrent import MultiHeadRecurrent, MultiHeadRecurrentConfig
+from replacements.recurrent import MultiHeadRecurrent, MultiHeadRecurrentConfig, MultiHeadRecurrentPruner
 from surgery.registry import register_replacement
 
 
@@ -15,7 +15,7 @@ class MultiHeadGRUConfig(MultiHeadRecurrentConfig):
     """Hyper-parameters of ``gru`` (see ``MultiHeadRecurrentConfig``)."""
 
 
-@register_replacement("gru", config=MultiHeadGRUConfig)
+@register_replacement("gru", config=MultiHeadGRUConfig, pruner=MultiHeadRecurrentPruner)
 class MultiHeadGRU(MultiHeadRecurrent):
     """Multi-head bidirectional GRU; forward-only at causal sites."""
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from surgery.prune.groups import Bundle, ReplacementPruner, UnitSet, _cut_linear, score_units, shrink
 from surgery.registry import MixerShape, ReplacementConfig
 
 
@@ -94,3 +95,87 @@ def _is_right_padded(padding_mask: torch.Tensor) -> bool:
     lengths = padding_mask.sum(1, keepdim=True)
     positions = torch.arange(padding_mask.shape[1], device=padding_mask.device).unsqueeze(0)
     return bool(torch.equal(padding_mask, positions < lengths)) and bool((lengths > 0).all())
+
+
+# --------------------------------------------------------------------------------------- pruning
+
+def _unit_sets(head: RecurrentHead) -> list[UnitSet]:
+    """One unit set per (layer, direction) of a head's recurrent network; see surgery.prune.groups."""
+    rnn = head.rnn
+    hidden, layers = rnn.hidden_size, rnn.num_layers
+    directions = 2 if rnn.bidirectional else 1
+    gates = rnn.weight_ih_l0.shape[0] // hidden  # 4 for LSTM (i, f, g, o), 3 for GRU (r, z, n)
+    units = torch.arange(hidden)
+    gate_rows = torch.stack([g * hidden + units for g in range(gates)], dim=1)  # [H, gates]
+    sets = []
+    for layer in range(layers):
+        for direction in range(directions):
+            suffix = f"l{layer}" + ("_reverse" if direction else "")
+            parts = [(f"rnn.weight_ih_{suffix}", 0, gate_rows), (f"rnn.weight_hh_{suffix}", 0, gate_rows),
+                     (f"rnn.weight_hh_{suffix}", 1, units.unsqueeze(1))]
+            if rnn.bias:
+                parts += [(f"rnn.bias_ih_{suffix}", 0, gate_rows), (f"rnn.bias_hh_{suffix}", 0, gate_rows)]
+            # the unit's output is column direction*H + u of whatever reads this layer's output
+            consumer_columns = (direction * hidden + units).unsqueeze(1)
+            if layer + 1 < layers:
+                parts += [(f"rnn.weight_ih_l{layer + 1}" + ("_reverse" if d else ""), 1, consumer_columns)
+                          for d in range(directions)]
+            else:
+                parts.append(("out.weight", 1, consumer_columns))
+            name = f"l{layer}." + ("backward" if direction else "forward")
+            sets.append(UnitSet(name, hidden, parts))
+    return sets
+
+
+def _prune_hidden_units(head: RecurrentHead, sets: list[UnitSet], removed: list[list[int]]) -> None:
+    counts = {len(r) for r in removed}
+    if len(counts) != 1:
+        raise ValueError("every layer and direction of a head must lose the same number of units")
+    shrink(head, sets, removed)
+    rnn = head.rnn
+    rnn.hidden_size = rnn.weight_hh_l0.shape[1]
+    head.out.in_features = head.out.weight.shape[1]
+    rnn._init_flat_weights()  # the cuDNN/flat weight list still points at the old tensors
+
+
+class MultiHeadRecurrentPruner(ReplacementPruner):
+    """Prunes ``MultiHeadRecurrent`` (mhlstm, gru) for torch-pruning and the global ranking.
+
+    Internal units: hidden unit u of head k, per layer and direction: its gate rows (4 for LSTM,
+    3 for GRU) in ``weight_ih``/``weight_hh`` and both biases, its column of ``weight_hh``, its
+    column of the next layer's ``weight_ih`` or of the head's ``out`` Linear. All layers and
+    directions of a head lose the same number of units (nn.LSTM/GRU have one hidden size), each
+    its own weakest ones. External channels (torch-pruning's view): inputs = ``pre_proj``
+    columns, outputs = rows of the heads' ``out`` Linears (heads concatenated).
+    """
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return sum(head.out.out_features for head in layer.heads)
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        start = 0
+        for head in layer.heads:
+            width = head.out.out_features
+            mine = [i - start for i in idxs if start <= i < start + width]
+            if len(mine) == width:
+                raise ValueError("pruning would remove every output channel of a head")
+            if mine:
+                _cut_linear(head.out, mine, dim=0)
+            start += width
+        return layer
+
+    def unit_bundles(self, layer: nn.Module, name: str) -> list[Bundle]:
+        bundles = []
+        for k, head in enumerate(layer.heads):
+            sets = _unit_sets(head)
+
+            def score(criterion, head=head, sets=sets):
+                return [score_units(head, s, criterion) for s in sets]
+
+            def apply(removed, head=head, sets=sets):
+                _prune_hidden_units(head, sets, removed)
+
+            bundles.append(Bundle(f"{name}.heads.{k}", "recurrent", head.rnn.hidden_size, score,
+                                  apply, modules=[head.rnn, head.out], set_names=[s.name for s in sets],
+                              owner=head, unit_sets=sets))
+        return bundles

@@ -16,6 +16,7 @@ from surgery.errors import (
     WeightsUnavailableError,
 )
 from surgery.locate import find_attention
+from surgery.prune import PruneReport, prune
 from surgery.registry import MixerShape, ReplacementConfig, list_replacements, register_replacement
 from surgery.sites import AttentionSite
 from surgery.swap import (
@@ -34,6 +35,7 @@ __all__ = [
     "AttentionSite",
     "DataError",
     "ManifestError",
+    "PruneReport",
     "MixerShape",
     "NoAttentionFoundError",
     "PruningError",
@@ -48,6 +50,7 @@ __all__ = [
     "finalize",
     "find_attention",
     "list_replacements",
+    "prune",
     "load",
     "register_replacement",
     "replace_attention",
