@@ -1,0 +1,136 @@
+"""surgery.fast: the inference form of mhlstm/gru computes what the training form computes."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from models import build, main_tensor, run
+from replacements.gru import MultiHeadGRU, MultiHeadGRUConfig
+from replacements.mhlstm import MultiHeadLSTM, MultiHeadLSTMConfig
+from surgery import fast
+from surgery.errors import SurgeryError
+from surgery.registry import MixerShape
+
+MIXERS = {"mhlstm": (MultiHeadLSTM, MultiHeadLSTMConfig), "gru": (MultiHeadGRU, MultiHeadGRUConfig)}
+
+
+@pytest.fixture(scope="module", params=["kernel", "torch-loop"])
+def use_kernel(request):
+    if request.param == "torch-loop":
+        return False
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native kernel cannot be built here")
+    status = fast.kernel_status()  # compiles once per machine (cached by torch_extensions)
+    assert status["available"], status["error"]
+    return True
+
+
+def _mixer(kind, causal=False, layers=1, heads=2, dim=16):
+    cls, config = MIXERS[kind]
+    return cls(MixerShape(dim, dim, heads, causal), config(num_layers=layers)).eval()
+
+
+def _prune_heads(mixer, hidden_sizes):
+    """Give each head its own hidden size, as global pruning leaves them (new random weights)."""
+    for head, hidden in zip(mixer.heads, hidden_sizes):
+        rnn = head.rnn
+        head.rnn = type(rnn)(rnn.input_size, hidden, num_layers=rnn.num_layers, batch_first=True,
+                             bidirectional=rnn.bidirectional)
+        head.out = nn.Linear(hidden * (2 if rnn.bidirectional else 1), head.out.out_features)
+    return mixer.eval()
+
+
+def _masks(batch=3, length=9):
+    right = torch.ones(batch, length, dtype=torch.bool)
+    right[1, 6:] = False
+    right[2, 2:] = False
+    left = torch.ones(batch, length, dtype=torch.bool)
+    left[1, :3] = False
+    return {"none": None, "right-padded": right, "left-padded": left}
+
+
+@pytest.mark.parametrize("mask_name", ["none", "right-padded", "left-padded"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["mhlstm", "gru"])
+def test_fast_form_equals_training_form(kind, causal, layers, mask_name, use_kernel):
+    mixer = _mixer(kind, causal, layers)
+    x = torch.randn(3, 9, 16)
+    mask = _masks()[mask_name]
+    with torch.inference_mode():
+        expected = mixer(x, mask)
+        got = fast.FastMultiHeadRecurrent(mixer, use_kernel=use_kernel)(x, mask)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mhlstm", "gru"])
+def test_heads_pruned_to_different_sizes(kind, use_kernel):
+    mixer = _prune_heads(_mixer(kind, heads=3, dim=24, layers=2), [8, 3, 5])
+    x = torch.randn(2, 7, 24)
+    mask = _masks(3, 7)["right-padded"][:2]
+    with torch.inference_mode():
+        expected = mixer(x, mask)
+        got = fast.FastMultiHeadRecurrent(mixer, use_kernel=use_kernel)(x, mask)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_heads_with_different_output_widths(use_kernel):
+    mixer = _mixer("mhlstm", heads=2, dim=16)
+    mixer.heads[1].out = nn.Linear(mixer.heads[1].out.in_features, 5)  # a pruned head output
+    x = torch.randn(1, 6, 16)
+    with torch.inference_mode():
+        expected = mixer(x)
+        got = fast.FastMultiHeadRecurrent(mixer, use_kernel=use_kernel)(x)
+    assert got.shape == (1, 6, 8 + 5)
+    torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("replacement", ["mhlstm", "gru"])
+def test_optimize_whole_model_keeps_outputs(replacement, use_kernel):
+    model, inputs = build("timm_vit")
+    surgery.replace_attention(model, replacement, inputs)
+    surgery.finalize(model)
+    optimized = fast.optimize(copy.deepcopy(model), use_kernel=use_kernel)
+    assert not any(isinstance(m, surgery.swap.ReplacedAttention) and
+                   not isinstance(m.mixer, fast.FastMultiHeadRecurrent)
+                   for m in optimized.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(run(optimized, inputs), run(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+def test_optimize_padded_bert_batch(use_kernel):
+    model, inputs = build("hf_bert")
+    surgery.replace_attention(model, "mhlstm", inputs)
+    inputs["attention_mask"][1, 8:] = 0
+    optimized = fast.optimize(copy.deepcopy(model), use_kernel=use_kernel)
+    with torch.inference_mode():
+        expected = main_tensor(run(model, inputs))
+        got = main_tensor(run(optimized, inputs))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_optimize_leaves_other_replacements_alone():
+    model, inputs = build("timm_vit")
+    surgery.replace_attention(model, "conv", inputs)
+    mixers = [w.mixer for w in surgery.swap.replaced_sites(model)]
+    fast.optimize(model)
+    assert [w.mixer for w in surgery.swap.replaced_sites(model)] == mixers
+
+
+def test_fast_form_refuses_gradients():
+    mixer = _mixer("mhlstm")
+    fast_form = fast.FastMultiHeadRecurrent(mixer, use_kernel=False)
+    with pytest.raises(SurgeryError, match="inference-only"):
+        fast_form(torch.randn(1, 4, 16))
+
+
+def test_kernel_status_reports():
+    status = fast.kernel_status()
+    assert set(status) == {"available", "error"}
+    assert status["available"] or status["error"]
