@@ -6,6 +6,8 @@ namespace, ``surgery ...`` lines run in-process through typer's CliRunner, other
 the site) adapt it to the test:
 
     <!-- docs-test: skip (reason) -->              the next block is not run (a reason is required)
+    <!-- docs-test: expect-output -->              the next (text) block must equal what the block
+                                                   before it printed (trailing spaces ignored)
     <!-- docs-test: replace 'OLD' 'NEW' -->        text substitution in the next block only
     <!-- docs-test-page: replace 'OLD' 'NEW' -->   substitution in every block of the page
     <!-- docs-test-setup                           hidden python run before the next block
@@ -20,6 +22,8 @@ Substitutions must match (an unused one fails the test), so they cannot silently
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -38,7 +42,7 @@ DOCS = ROOT / "docs"
 TESTED = ["get-started.md", "tutorials", "how-to"]
 RUNNABLE = {"python", "py", "bash", "sh", "shell"}
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)(.*)$")
-DIRECTIVE = re.compile(r"^\s*<!--\s*docs-test(-page)?:\s*(\w+)\s*(.*?)\s*-->\s*$")
+DIRECTIVE = re.compile(r"^\s*<!--\s*docs-test(-page)?:\s*([\w-]+)\s*(.*?)\s*-->\s*$")
 
 
 @dataclass
@@ -72,6 +76,7 @@ def parse(path: Path) -> Page:
     lines = path.read_text().splitlines()
     blocks, page_replacements = [], []
     pending: dict = {"replacements": [], "setup": "", "skip": None}
+    expect_next = False
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -85,6 +90,8 @@ def parse(path: Path) -> Page:
             elif verb == "skip" and not page_level:
                 assert rest, f"{path.name}:{i + 1}: docs-test: skip needs a reason"
                 pending["skip"] = rest
+            elif verb == "expect-output" and not page_level:
+                expect_next = True
             else:
                 raise AssertionError(f"{path.name}:{i + 1}: unknown directive {line.strip()!r}")
             i += 1
@@ -102,7 +109,12 @@ def parse(path: Path) -> Page:
                        if lines[j].strip().startswith(marker) and not lines[j].strip()[len(marker):].strip())
             body = textwrap.dedent("\n".join(l[len(indent):] if l.startswith(indent) else l
                                              for l in lines[i + 1:end]))
-            if language.lower() in RUNNABLE:
+            if expect_next:
+                assert blocks and language.lower() not in RUNNABLE, (
+                    f"{path.name}:{i + 1}: expect-output must precede a text block after a code block")
+                blocks.append(Block("expect", body + "\n", i + 1))
+                expect_next = False
+            elif language.lower() in RUNNABLE:
                 blocks.append(Block(language.lower(), body + "\n", i + 1,
                                     title.group(1) if title else "", **pending))
             else:
@@ -128,11 +140,13 @@ def shell_commands(code: str) -> list[list[str]]:
     return commands
 
 
-def run_shell(code: str, where: str, cwd: Path) -> None:
+def run_shell(code: str, where: str, cwd: Path) -> str:
+    """Run a shell block; returns what its commands printed on stdout."""
     from typer.testing import CliRunner
 
     from surgery.cli import app
 
+    printed = []
     for words in shell_commands(code):
         env = {}
         while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
@@ -144,6 +158,7 @@ def run_shell(code: str, where: str, cwd: Path) -> None:
             assert result.exit_code == 0, (
                 f"{where}: `{shlex.join(words)}` exited {result.exit_code}:\n{result.output[-3000:]}"
                 + (f"\n{result.exception!r}" if result.exception else ""))
+            printed.append(result.stdout)
         elif words[0] in ("python", "python3", "torchrun"):
             program = ([sys.executable] if words[0] != "torchrun"
                        else [sys.executable, "-m", "torch.distributed.run"])
@@ -151,9 +166,15 @@ def run_shell(code: str, where: str, cwd: Path) -> None:
             result = subprocess.run(program + words[1:], cwd=cwd, env=env, capture_output=True,
                                     text=True, timeout=300)
             assert result.returncode == 0, f"{where}: `{shlex.join(words)}` failed:\n{result.stderr[-3000:]}"
+            printed.append(result.stdout)
         else:
             raise AssertionError(f"{where}: the doc tests cannot run `{words[0]}`; mark the block "
                                  "<!-- docs-test: skip (reason) --> or use surgery/python")
+    return "".join(printed)
+
+
+def normalise(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
 
 
 def apply(code: str, replacements: list[tuple[str, str]], where: str) -> str:
@@ -173,7 +194,7 @@ def test_tested_pages_exist():
 @pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
 def test_page_examples_run(path, tmp_path, monkeypatch):
     page = parse(path)
-    runnable = [b for b in page.blocks if b.skip is None]
+    runnable = [b for b in page.blocks if b.skip is None and b.language != "expect"]
     assert runnable, f"{path.name} has no runnable block"
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # modules a page writes (my_model.py) import
@@ -183,8 +204,17 @@ def test_page_examples_run(path, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, module.__name__, module)
     namespace = module.__dict__
     unused_page = set(page.page_replacements)
-    for block in runnable:
+    printed: str | None = None  # what the last block printed; None after a skipped block
+    for block in page.blocks:
         where = f"{path.relative_to(ROOT)}:{block.line}"
+        if block.skip is not None:
+            printed = None
+            continue
+        if block.language == "expect":
+            if printed is not None:
+                assert normalise(printed) == normalise(block.code), (
+                    f"{where}: the block above printed\n{printed}\ninstead of\n{block.code}")
+            continue
         code = block.code
         for old, new in page.page_replacements:
             if old in code:
@@ -195,10 +225,14 @@ def test_page_examples_run(path, tmp_path, monkeypatch):
             exec(compile(block.setup, f"{where} (setup)", "exec"), namespace)
         if block.title.endswith(".py"):
             (tmp_path / block.title).write_text(code)  # a file the page's later blocks import
+            printed = ""
         elif block.language in ("python", "py"):
-            exec(compile(code, where, "exec"), namespace)
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                exec(compile(code, where, "exec"), namespace)
+            printed = out.getvalue()
+            sys.stdout.write(printed)
         else:
-            run_shell(code, where, tmp_path)
+            printed = run_shell(code, where, tmp_path)
     assert not unused_page, f"{path.name}: page replacements never used: {sorted(unused_page)}"
 
 
@@ -217,13 +251,18 @@ def test_parser_reads_directives(tmp_path):
         ```python
         steps = 1000
         ```
+        <!-- docs-test: expect-output -->
         ```text
-        output, not run
+        output, compared
+        ```
+        ```text
+        not run
         ```
         """))
     parsed = parse(page)
     assert parsed.page_replacements == [("big", "small")]
-    skipped, python = parsed.blocks
+    skipped, python, expected = parsed.blocks
+    assert expected.language == "expect" and expected.code == "output, compared\n"
     assert skipped.skip == "(needs a GPU)" and skipped.language == "bash"
     assert python.replacements == [("1000", "2")] and python.setup == "x = 1\n"
     assert shell_commands("surgery a \\\n  --b c && surgery d  # note\n") == [
