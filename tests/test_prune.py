@@ -285,3 +285,14 @@ def test_report_counts_flops():
     report = surgery.prune(model, x, ratio=0.5)
     assert report.flops_after < report.flops_before
     assert report.summary()["params_ratio"] < 1
+
+
+def test_recovery_distills_against_the_unpruned_teacher():
+    model, x = _replaced("mhlstm")
+    data = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    report = surgery.prune(model, x, ratio=0.4, recover_steps=3, data=data, measure_flops=False, lr=1e-3)
+    assert [s.name for s in report.recovery.sites] == ["blocks.0.attn", "blocks.1.attn"]
+    assert all(torch.isfinite(torch.tensor(s.relative_mse_after)) for s in report.recovery.sites)
+    # the kept originals are still the teachers for later distillation; the MLPs stay pruned
+    assert all(w.original is not None for w in replaced_sites(model))
+    assert model.blocks[0].mlp.fc1.out_features < 64

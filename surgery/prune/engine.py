@@ -148,10 +148,9 @@ def _traced_as_one_layer(mixers: list[nn.Module]) -> Iterator[None]:
     (input_dim in, output_dim out); the mixer's pruner owns everything inside.
     """
     for mixer in mixers:
-        pruner_in = mixer.shape.input_dim
-        weight = torch.zeros(_out_width(mixer), pruner_in, requires_grad=True,
-                             device=next(mixer.parameters()).device,
-                             dtype=next(mixer.parameters()).dtype)
+        reference = next(mixer.parameters(), torch.zeros(()))
+        weight = torch.zeros(_out_width(mixer), mixer.shape.input_dim, requires_grad=True,
+                             device=reference.device, dtype=reference.dtype)
         mixer.forward = (lambda w: lambda x, padding_mask=None: F.linear(x, w))(weight)
     try:
         yield
@@ -263,9 +262,8 @@ def _mlp_groups(model: nn.Module, graph, ignored: list[nn.Module], site_pruners:
                                                                         ops._UnbindOp, ops._SliceOp)):
                 ok = False
                 break
-            if not isinstance(module, nn.Module) or isinstance(module, ops.DummyMHA if hasattr(ops, "DummyMHA")
-                                                             else ()) or not list(module.parameters(recurse=False)):
-                continue
+            if not isinstance(module, nn.Module) or not list(module.parameters(recurse=False)):
+                continue  # torch-pruning's stand-ins for elementwise ops, reshapes, activations
             if module in inside_sites or module in ignored_set:
                 ok = False
                 break
