@@ -9,6 +9,8 @@ from surgery.cli import core
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Architecture surgery on pretrained transformers: replace attention, distill, prune.")
 core.register(app)
+from surgery.cli import recipe as _recipe  # noqa: E402
+_recipe.register(app)
 from surgery.cli import prune as _prune  # noqa: E402
 _prune.register(app)
 

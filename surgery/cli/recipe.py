@@ -1,0 +1,105 @@
+"""``surgery recipe``: list the registered recipes and run one; options are generated from each
+recipe's config dataclass, so ``surgery recipe NAME --help`` always shows every setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from surgery.cli.common import JsonOption, QuietOption, err_console, guarded, print_json, print_table
+
+
+def register(app: typer.Typer) -> None:
+    recipe_app = typer.Typer(no_args_is_help=True, help="Named, reproducible pipelines (FAR's DeiT recipe, "
+                             "MNIST and MiniLM evidence runs). `surgery recipe list` shows them.")
+    recipe_app.command("list")(guarded(list_command))
+    try:
+        from recipes import list_recipes
+    except ImportError:  # the recipes package is not installed next to surgery
+        recipes = []
+    else:
+        recipes = list_recipes()
+    for recipe in recipes:
+        recipe_app.command(recipe.name, help=_help(recipe), no_args_is_help=False)(guarded(_command(recipe)))
+    app.add_typer(recipe_app, name="recipe")
+
+
+def list_command(json_output: JsonOption = False) -> None:
+    """List the recipes and their settings (defaults)."""
+    from recipes import list_recipes
+
+    rows = [{"name": r.name, "description": r.description,
+             "settings": {name: default for name, default, _ in r.settings()}} for r in list_recipes()]
+    if json_output:
+        print_json(rows)
+        return
+    print_table("Recipes (surgery recipe NAME --help for settings)", ["name", "description"],
+                [[r["name"], r["description"]] for r in rows])
+
+
+def _help(recipe) -> str:
+    return recipe.description + "\n\nEvery setting below is a field of " + \
+        f"recipes.{recipe.config_class.__module__.split('.')[-1]}.{recipe.config_class.__name__}."
+
+
+def _option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _command(recipe):
+    """Build a typer command whose options are the fields of the recipe's config dataclass."""
+    hints = typing.get_type_hints(recipe.config_class)
+    helps = getattr(recipe.config_class, "HELP", {})
+    parameters = [
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY,
+                          annotation=Annotated[Path, typer.Option("--out", "-o", help=(
+                              "Run directory: stages, checkpoints, report.json and report.md go here; "
+                              "running again with the same --out resumes."))]),
+    ]
+    for field in dataclasses.fields(recipe.config_class):
+        annotation = hints[field.name]
+        default = field.default if field.default is not dataclasses.MISSING else None
+        origin = typing.get_origin(annotation)
+        if origin is typing.Union:
+            inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+            annotation = Optional[inner]
+        if annotation is bool:
+            option = typer.Option(f"{_option_name(field.name)}/--no-{field.name.replace('_', '-')}",
+                                  help=helps.get(field.name, ""))
+        else:
+            option = typer.Option(_option_name(field.name), help=helps.get(field.name, ""))
+        parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=Annotated[annotation, option]))
+    parameters.append(inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                        annotation=JsonOption))
+    parameters.append(inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                        annotation=QuietOption))
+
+    def command(**values: Any) -> None:
+        out = values.pop("out")
+        json_output = values.pop("json_output")
+        quiet = values.pop("quiet")
+        # every check (settings, data folder, checkpoint) happens in make_config, before any work
+        config = recipe.make_config(**values)
+
+        def log(message: str) -> None:
+            if not quiet:
+                err_console.print(message, highlight=False, soft_wrap=True)
+
+        report = recipe.run(config, out, log=log)
+        if json_output:
+            print_json(report)
+        else:
+            from recipes.report import markdown_report
+
+            typer.echo(markdown_report(report))
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__name__ = f"recipe_{recipe.name}"
+    command.__doc__ = recipe.description
+    return command
