@@ -288,6 +288,7 @@ def test_report_counts_flops():
 
 
 def test_recovery_distills_against_the_unpruned_teacher():
+    pytest.importorskip("surgery.distill")
     model, x = _replaced("mhlstm")
     data = [torch.randn(4, 3, 32, 32) for _ in range(3)]
     report = surgery.prune(model, x, ratio=0.4, recover_steps=3, data=data, measure_flops=False, lr=1e-3)
