@@ -297,3 +297,21 @@ def test_recovery_distills_against_the_unpruned_teacher():
     # the kept originals are still the teachers for later distillation; the MLPs stay pruned
     assert all(w.original is not None for w in replaced_sites(model))
     assert model.blocks[0].mlp.fc1.out_features < 64
+
+
+def test_hoyer_square_training_sparsifies_then_threshold_prunes():
+    """FAR's route: the Hoyer-Square penalty drives whole units toward zero; a global threshold on
+    group norms then removes them."""
+    model, x = _replaced("mhlstm")
+    params = [p for w in replaced_sites(model) for p in w.mixer.heads.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    start = hoyer_square(model).item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        hoyer_square(model).backward()
+        optimizer.step()
+    assert hoyer_square(model).item() < 0.8 * start
+    report = surgery.prune(model, x, importance="hoyer", threshold=0.05, scope="replacements",
+                           measure_flops=False)
+    assert sum(b.before - b.after for b in report.bundles) > 0
+    assert report.output_cosine is not None and report.output_cosine > 0.9

@@ -56,6 +56,10 @@ class PruneReport:
     flops_after: int | None = None
     bundles: list[BundleResult] = field(default_factory=list)
     skipped_sites: list[str] = field(default_factory=list)
+    output_cosine: float | None = None
+    output_cosine_recovered: float | None = None
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
     recovery: Any = None
 
     COLUMNS = ("bundle", "kind", "units before", "units after", "kept")
@@ -74,6 +78,9 @@ class PruneReport:
         if self.flops_before and self.flops_after is not None:
             out.update(flops_before=self.flops_before, flops_after=self.flops_after,
                        flops_ratio=self.flops_after / self.flops_before)
+        if self.latency_before_ms and self.latency_after_ms is not None:
+            out.update(latency_before_ms=self.latency_before_ms, latency_after_ms=self.latency_after_ms)
+        out.update(output_cosine=self.output_cosine, output_cosine_recovered=self.output_cosine_recovered)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -439,6 +446,7 @@ def prune(
     recover_mode: str = "blockwise",
     teacher: nn.Module | None = None,
     measure_flops: bool = True,
+    latency_repeats: int = 0,
     progress: Any = None,
     **distill_settings: Any,
 ) -> PruneReport:
@@ -472,11 +480,15 @@ def prune(
         teacher: teacher for recovery; default: a copy of the model before pruning with its
             attention restored (the kept originals), since MLP pruning changes the replaced model.
         measure_flops: count FLOPs before/after (``surgery.measure.count_flops``).
+        latency_repeats: when > 0, median latency before/after on ``example_inputs`` (two separate
+            measurements: indicative only; compare models with ``surgery.measure.compare``).
         progress: a ``surgery.progress.Progress`` for recovery.
         **distill_settings: passed to ``surgery.distill`` (lr, ...).
 
     Returns:
-        A ``PruneReport`` (params/FLOPs before and after, units kept per head and layer).
+        A ``PruneReport``: params/FLOPs (and optionally latency) before and after, units kept per
+        head and layer, and fidelity as the cosine between the model's output on
+        ``example_inputs`` before pruning and after it (and after recovery).
 
     Example:
         >>> import torch, timm, surgery
@@ -537,6 +549,8 @@ def prune(
 
     params_before = count_parameters(model)
     flops_before = _flops(model, example_inputs) if measure_flops else None
+    latency_before = _latency(model, example_inputs, latency_repeats)
+    reference = _eval_output(model, example_inputs).clone()
     if recover_steps and recovery_teacher is None:
         from surgery.swap import restore_attention
 
@@ -551,8 +565,7 @@ def prune(
             if count:
                 bundle.apply([order[:count].tolist() for order in orders])
             results.append(BundleResult(bundle.name, bundle.kind, before, before - count))
-        with torch.no_grad():
-            output = _main_tensor(_call(model, example_inputs))
+        output = _eval_output(model, example_inputs)
         if not torch.isfinite(output).all():
             raise PruningError("the pruned model's output is not finite")
     except Exception as error:
@@ -566,7 +579,9 @@ def prune(
                          global_ranking=global_, params_before=params_before,
                          params_after=count_parameters(model), flops_before=flops_before,
                          flops_after=_flops(model, example_inputs) if measure_flops else None,
-                         bundles=results, skipped_sites=unprunable)
+                         bundles=results, skipped_sites=unprunable,
+                         output_cosine=_cosine(reference, output), latency_before_ms=latency_before,
+                         latency_after_ms=_latency(model, example_inputs, latency_repeats))
 
     # 6. recovery
     if recover_steps:
@@ -576,7 +591,32 @@ def prune(
             raise PruningError(f"recovery needs surgery.distill, which cannot be imported ({error})") from None
         report.recovery = distill(recovery_teacher, model, data, mode=recover_mode, steps=recover_steps,
                                   progress=progress, **distill_settings)
+        report.output_cosine_recovered = _cosine(reference, _eval_output(model, example_inputs))
     return report
+
+
+def _eval_output(model: nn.Module, example_inputs: Any) -> torch.Tensor:
+    """The main output tensor in eval mode (no dropout noise), each module's mode restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _main_tensor(_call(model, example_inputs)).detach()
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _latency(model: nn.Module, example_inputs: Any, repeats: int) -> float | None:
+    if not repeats:
+        return None
+    from surgery.measure import measure_latency
+
+    return measure_latency(model, example_inputs, repeats=repeats, warmup=1)["median_ms"]
 
 
 def _resolve(data: Any, model: nn.Module) -> Iterable:
