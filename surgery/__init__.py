@@ -5,6 +5,7 @@ GRU, convolution), distill the replacements against the original attention, then
 """
 
 from surgery.checkpoint import load, save
+from surgery.distill import DistillResult, distill, evaluate_fidelity
 from surgery.errors import (
     DataError,
     ManifestError,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionSite",
     "DataError",
+    "DistillResult",
     "ManifestError",
     "PruneReport",
     "MixerShape",
@@ -47,6 +49,8 @@ __all__ = [
     "UnsupportedSiteError",
     "WeightsUnavailableError",
     "count_parameters",
+    "distill",
+    "evaluate_fidelity",
     "finalize",
     "find_attention",
     "list_replacements",

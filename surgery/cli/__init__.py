@@ -13,6 +13,8 @@ from surgery.cli import recipe as _recipe  # noqa: E402
 _recipe.register(app)
 from surgery.cli import prune as _prune  # noqa: E402
 _prune.register(app)
+from surgery.cli import distill as _distill  # noqa: E402
+_distill.register(app)
 
 
 def main() -> None:

@@ -7,9 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from surgery.cli.distill import (
+    BatchOption, DataOption, LrOption, ModeOption, SeqLenOption, StepsOption, run_distill,
+)
 from surgery.cli.common import (
     AllowCodeOption, CheckpointOption, ExcludeOption, JsonOption, ModelOption, RandomInitOption,
-    SetOption, TargetsOption, console, guarded, parse_settings, print_json, print_table, rule,
+    QuietOption, SetOption, TargetsOption, console, guarded, parse_settings, print_json, print_table, rule,
 )
 
 
@@ -99,14 +102,31 @@ def replace_command(
     settings: SetOption = None,
     allow_code: AllowCodeOption = False,
     json_output: JsonOption = False,
+    data: DataOption = None,
+    steps: StepsOption = None,
+    mode: ModeOption = None,
+    lr: LrOption = None,
+    batch_size: BatchOption = None,
+    seq_len: SeqLenOption = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the replacements' init and of distillation.")] = 0,
+    distill_settings: Annotated[Optional[list[str]], typer.Option(
+        "--distill-set", help="Distill setting key=value (repeatable), as `surgery distill --set`.")] = None,
+    quiet: QuietOption = False,
 ) -> None:
-    """Replace every attention block of a model and save it (originals kept for distillation)."""
+    """Replace every attention block of a model and save it (originals kept for distillation);
+    with --data, then distill the replacements (--steps, --mode, ...) in the --out run directory."""
+    import torch
+
     from surgery.checkpoint import save
+    from surgery.errors import SurgeryError
     from surgery.models import load_model
     from surgery.registry import get_replacement
     from surgery.swap import replace_attention
 
     get_replacement(with_)  # unknown names fail before the model is built
+    if data and out is None:
+        raise SurgeryError("distilling after replace needs a run directory: add --out DIR")
+    torch.manual_seed(seed)  # the replacements' random initialisation is reproducible
     net = load_model(model, random_init=random_init, checkpoint=checkpoint)
     report = replace_attention(net, with_, config=parse_settings(settings), targets=rule(targets),
                                exclude=rule(exclude))
@@ -116,10 +136,15 @@ def replace_command(
     summary = {"model": model, "replacement": with_, "sites": len(report.sites),
                "params_before": report.params_before, "params_after": report.params_after,
                "out": str(out) if out else None}
-    if json_output:
+    if json_output and not data:
         print_json({**summary, "per_site": [dict(zip(report.COLUMNS, r)) for r in report.rows()]})
         return
-    print_table(f"{with_} in {model}", list(report.COLUMNS), report.rows())
-    console.print(f"model params: {report.params_before:,} -> {report.params_after:,} "
-                  f"({report.params_after / report.params_before:.2f}x)"
-                  + (f"; saved to {out}" if out else ""))
+    if not json_output:
+        print_table(f"{with_} in {model}", list(report.COLUMNS), report.rows())
+        console.print(f"model params: {report.params_before:,} -> {report.params_after:,} "
+                      f"({report.params_after / report.params_before:.2f}x)"
+                      + (f"; saved to {out}" if out else ""))
+    if data:
+        run_distill(out, data=data, steps=steps or 1000, mode=mode, lr=lr, batch_size=batch_size,
+                    seq_len=seq_len, seed=seed, settings=parse_settings(distill_settings), quiet=quiet,
+                    json_output=json_output, allow_code=allow_code)

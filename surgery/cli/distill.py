@@ -1,0 +1,146 @@
+"""``surgery distill RUN``: distill (or resume distilling) the replacements of a saved run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from surgery.cli.common import (
+    AllowCodeOption, JsonOption, QuietOption, console, err_console, guarded, parse_settings, print_json,
+    print_table,
+)
+from surgery.progress import NullProgress
+
+DataOption = Annotated[Optional[str], typer.Option(
+    "--data", "-d", help="Training data: text:builtin, text:PATH, mnist, images:PATH, timm:NAME[:ROOT] or random.")]
+StepsOption = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps of this stage.")]
+ModeOption = Annotated[Optional[str], typer.Option(
+    "--mode", help="blockwise (teacher-forced, each replacement fed the teacher's input) or e2e.")]
+LrOption = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (warm-up, then cosine).")]
+BatchOption = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per batch and process.")]
+SeqLenOption = Annotated[Optional[int], typer.Option("--seq-len", help="Maximum tokens per text sample.")]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Seed of data order and initialisation.")]
+TrainOption = Annotated[Optional[str], typer.Option(
+    "--train", help="replacements (only the new modules) or all (e2e only: fine-tune everything).")]
+MaxSecondsOption = Annotated[Optional[float], typer.Option(
+    "--max-seconds", help="Stop (after a checkpoint) when this much training time has passed.")]
+DistillSetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Further distill setting key=value (repeatable): cosine_weight, task_weight, temperature, "
+                  "warmup, weight_decay, checkpoint_every, eval_batches, ...")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("distill")(guarded(distill_command))
+
+
+class RichProgress(NullProgress):
+    """A rich progress bar on stderr showing the loss and the live per-site losses."""
+
+    def __init__(self, site_names: list[str]) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.short = {f"site/{n}": str(i) for i, n in enumerate(site_names)}
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+                            console=err_console, transient=False)
+        self.task = None
+
+    def start(self, total: int, description: str, completed: int = 0) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total, completed=completed, losses="")
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        sites = " ".join(f"{self.short[k]}:{v:.3f}" for k, v in metrics.items() if k in self.short)
+        text = f"loss {metrics.get('loss', float('nan')):.4f} | sites {sites}"
+        if "task" in metrics:
+            text += f" | task {metrics['task']:.4f}"
+        self.bar.update(self.task, completed=step, losses=text)
+
+    def message(self, text: str) -> None:
+        self.bar.console.print(text)
+
+    def finish(self) -> None:
+        self.bar.stop()
+
+
+def run_distill(run: Path, *, data: Optional[str] = None, steps: Optional[int] = None, mode: Optional[str] = None,
+                lr: Optional[float] = None, batch_size: Optional[int] = None, seq_len: Optional[int] = None,
+                seed: Optional[int] = None, train: Optional[str] = None, max_seconds: Optional[float] = None,
+                settings: Optional[dict[str, Any]] = None, resume: bool = False, quiet: bool = False,
+                json_output: bool = False, allow_code: bool = False, eval_data: Optional[str] = None) -> dict:
+    """Load the saved model in ``run``, distill it, save it back there, and print the fidelity report."""
+    import surgery
+    from surgery.distill.distributed import World, init_from_env
+    from surgery.distill.rundir import RunDirectory
+    from surgery.errors import SurgeryError
+    from surgery.swap import replaced_sites
+
+    chosen = {k: v for k, v in dict(data=data, steps=steps, mode=mode, lr=lr, batch_size=batch_size,
+                                     seq_len=seq_len, seed=seed, train=train, max_seconds=max_seconds,
+                                     eval_data=eval_data).items() if v is not None}
+    chosen.update(settings or {})
+    if resume:
+        previous = RunDirectory(run, writer=False).read_config() if (Path(run) / "config.json").is_file() else {}
+        if not previous:
+            raise SurgeryError(f"{run} has no distillation to resume (no config.json); run without --resume")
+        previous.pop("stage", None)
+        chosen = {**previous, **chosen}
+    if not chosen.get("data"):
+        raise SurgeryError("give training data with --data (e.g. --data text:builtin, --data mnist)")
+    chosen.setdefault("steps", 1000)
+    model = surgery.load(run, allow_code=allow_code)
+    names = [w.site.name for w in replaced_sites(model)]
+    world = init_from_env()
+    progress = NullProgress() if quiet or not world.main else RichProgress(names)
+    if not quiet and world.main and not json_output:
+        err_console.print(f"distilling {len(names)} sites of {run} ({chosen.get('mode', 'blockwise')}, "
+                          f"{chosen['steps']} steps, data {chosen['data']})")
+    keywords = dict(chosen)
+    result = surgery.distill(None, model, keywords.pop("data"), steps=keywords.pop("steps"), run_dir=run,
+                             resume=resume, progress=progress, **keywords)
+    summary = result.to_dict()
+    if not world.main:
+        return summary
+    if json_output:
+        print_json(summary)
+        return summary
+    rows = [[s.name, f"{s.relative_mse_before:.4f}", f"{s.relative_mse_after:.4f}", f"{s.cosine_before:.4f}",
+             f"{s.cosine_after:.4f}"] for s in result.sites]
+    held = "held-out" if result.fidelity.held_out else "training (no held-out split)"
+    print_table(f"fidelity per site ({held} data, teacher-forced)",
+                ["site", "rel. MSE before", "rel. MSE after", "cosine before", "cosine after"], rows)
+    before, after = result.fidelity_before.summary(), result.fidelity.summary()
+    print_table("end to end vs the teacher", ["measure", "before", "after"],
+                [[k, f"{before.get(k, float('nan')):.4f}", f"{v:.4f}"] for k, v in after.items()
+                 if not k.startswith("mean_site")])
+    console.print(f"{result.steps} steps ({result.mode}) in {result.seconds:.0f} s; saved to {run}"
+                  + (" (stopped early: max seconds)" if result.stopped_early else ""))
+    return summary
+
+
+def distill_command(
+    run: Annotated[Path, typer.Argument(help="A run directory written by `surgery replace --out`.")],
+    data: DataOption = None,
+    mode: ModeOption = None,
+    steps: StepsOption = None,
+    lr: LrOption = None,
+    batch_size: BatchOption = None,
+    seq_len: SeqLenOption = None,
+    seed: SeedOption = None,
+    train: TrainOption = None,
+    max_seconds: MaxSecondsOption = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Held-out data spec for the report.")] = None,
+    settings: DistillSetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run's last checkpoint (same settings).")] = False,
+    allow_code: AllowCodeOption = False,
+    quiet: QuietOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Distill a replaced model's attention replacements against the originals, then report fidelity."""
+    run_distill(run, data=data, steps=steps, mode=mode, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                train=train, max_seconds=max_seconds, settings=parse_settings(settings), resume=resume,
+                quiet=quiet, json_output=json_output, allow_code=allow_code, eval_data=eval_data)

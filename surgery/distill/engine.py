@@ -1,0 +1,599 @@
+"""``distill``: train replacement modules to reproduce the attention they replaced.
+
+Two modes (both FAR "block-wise" objectives):
+
+- ``"blockwise"`` (teacher-forced, default): one teacher forward per batch records, for every site,
+  the original block's input and its context (the attention output BEFORE the out-projection, see
+  ``surgery.distill.capture``); each replacement mixer is then fed the teacher's input and trained to
+  produce the teacher's context. Sites are independent, so all train in the same pass.
+- ``"e2e"`` (FAR's reference training): the student runs on its own activations; loss = sum over
+  sites of the context MSE to the teacher + ``task_weight`` x a task term: cross-entropy on labels
+  when the data has them, else KL to the teacher's logits at temperature ``temperature`` for
+  classifiers, else (encoders) relative MSE of the final hidden states + (1 - cosine) of the
+  mean-pooled sentence embeddings.
+
+Site losses are *relative* MSE: squared error over real (non-padding) tokens divided by the mean
+squared teacher context of that site, measured once on the first batch (a constant per site, so
+sites of different scale weigh alike and the loss stays linear in the data, which keeps multi-process
+runs equal to one process).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.data import Batches, data_from_spec, padding_mask_of, split_batch, to_device
+from surgery.distill.capture import StudentCapture, TeacherCapture
+from surgery.distill.fastpath import fast_mixers, site_forward
+from surgery.distill.distributed import World, all_mean, average_gradients, barrier, init_from_env, shutdown
+from surgery.distill.fidelity import (
+    FidelityReport, call_model, evaluate_fidelity, main_output, mean_pool, output_kind,
+)
+from surgery.distill.rundir import FIDELITY, RunDirectory
+from surgery.errors import DataError, SurgeryError, TrainingDivergedError
+from surgery.progress import NullProgress, Progress
+from surgery.swap import replaced_sites
+
+MODES = ("blockwise", "e2e")
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of one distillation stage (stored in ``config.json`` and the checkpoint)."""
+
+    mode: str = "blockwise"
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+    cosine_weight: float = 0.0
+    site_weight: float = 1.0
+    task_weight: float = 1.0
+    temperature: float = 2.0
+    train: str = "replacements"
+    seed: int = 0
+    batch_size: int | None = None
+    seq_len: int = 64
+    data: str | None = None
+    eval_data: str | None = None
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    log_every: int = 10
+    max_seconds: float | None = None
+    labelled: bool | None = None
+    fast: bool = True
+
+    def key(self) -> str:
+        """A digest of the settings that change the result (resume refuses a different one)."""
+        values = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in ("checkpoint_every", "log_every", "max_seconds", "eval_batches", "eval_data", "fast")}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SiteResult:
+    """One site before and after distillation (teacher-forced, on the evaluation data)."""
+
+    name: str
+    relative_mse_before: float
+    relative_mse_after: float
+    cosine_before: float
+    cosine_after: float
+
+
+@dataclass
+class DistillResult:
+    """What ``distill`` did.
+
+    Args:
+        sites: per-site relative MSE and cosine vs the original attention, before and after.
+        fidelity: end-to-end report after training (``FidelityReport``).
+        fidelity_before: the same report before training.
+        steps: steps done in total (including those before a resume).
+        mode: "blockwise" or "e2e".
+        run_dir: the run directory, if any.
+        resumed_from: the step the run resumed from (0 = fresh).
+        stopped_early: True when ``max_seconds`` ended the run before ``steps``.
+        seconds: wall time of this call's training loop.
+        final_metrics: the last step's losses.
+    """
+
+    sites: list[SiteResult]
+    fidelity: FidelityReport
+    fidelity_before: FidelityReport
+    steps: int
+    mode: str
+    run_dir: str | None = None
+    resumed_from: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _StopRequested(Exception):
+    pass
+
+
+class _SignalGuard:
+    """SIGTERM / first Ctrl-C ask the loop to stop after the current step (then checkpoint);
+    a second Ctrl-C interrupts at once (the last checkpoint stays intact)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self) -> "_SignalGuard":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _lr_factor(step: int, config: DistillConfig) -> float:
+    """Linear warm-up over ``warmup`` x steps, then cosine decay to ``min_lr``/``lr``."""
+    warm = int(config.warmup * config.steps)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, config.steps - warm)
+    floor = config.min_lr / config.lr if config.lr else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _relative_site_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float, cosine_weight: float) -> torch.Tensor:
+    if mask is not None:
+        keep = mask.bool()
+        prediction, target = prediction[keep], target[keep]
+    loss = F.mse_loss(prediction.float(), target.float()) / scale
+    if cosine_weight:
+        cosine = F.cosine_similarity(prediction.float(), target.float(), dim=-1, eps=1e-8).mean()
+        loss = loss + cosine_weight * (1 - cosine)
+    return loss
+
+
+def _task_loss(student_out: Any, teacher_out: Any, labels: torch.Tensor | None, kwargs: dict,
+               config: DistillConfig, hidden_scale: float) -> torch.Tensor:
+    student_main, teacher_main = main_output(student_out), main_output(teacher_out)
+    kind = output_kind(teacher_main)
+    if labels is not None and kind == "classifier":
+        return F.cross_entropy(student_main.float(), labels)
+    if kind == "classifier":
+        t = config.temperature
+        return F.kl_div(F.log_softmax(student_main.float() / t, -1), F.log_softmax(teacher_main.float() / t, -1),
+                        log_target=True, reduction="batchmean") * t * t
+    if kind == "encoder":
+        mask = padding_mask_of(kwargs)
+        hidden = _relative_site_loss(student_main, teacher_main, mask, hidden_scale, 0.0)
+        pooled_s = F.normalize(mean_pool(student_main.float(), mask), dim=-1)
+        pooled_t = F.normalize(mean_pool(teacher_main.float(), mask), dim=-1)
+        return hidden + (1 - (pooled_s * pooled_t).sum(-1)).mean()
+    return F.mse_loss(student_main.float(), teacher_main.float())
+
+
+def _shards(data: Iterable, world: World, start_epoch: int, start_index: int) -> Iterator[tuple[int, int, Any]]:
+    """Endless (epoch, consumed-in-epoch, batch) for this rank: batch i of an epoch goes to rank
+    i % world; a resume skips the batches the checkpoint already consumed."""
+    epoch, skip = start_epoch, start_index
+    while True:
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
+        iterator = iter(data)
+        if iterator is data and epoch > start_epoch:
+            raise DataError("the data ran out: a one-shot iterator cannot be read twice; pass a re-iterable "
+                            "(a list, a DataLoader or surgery.data.Batches) or fewer steps")
+        usable = (len(data) // world.size) * world.size if hasattr(data, "__len__") else None
+        consumed, yielded = 0, False
+        for index, batch in enumerate(iterator):
+            if usable is not None and index >= usable:
+                break
+            if index % world.size != world.rank:
+                continue
+            consumed += 1
+            if consumed <= skip:
+                continue
+            yielded = True
+            yield epoch, consumed, batch
+        if not yielded and skip == 0:
+            raise DataError("the data yielded no batches for this process; give more data than processes")
+        epoch, skip = epoch + 1, 0
+
+
+def _trainable(student: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]:
+    wrappers = list(replaced_sites(student))
+    if train == "replacements":
+        ids = {id(p) for w in wrappers for p in w.mixer.parameters()}
+    elif train == "all":
+        teacher_ids = {id(p) for w in wrappers if w.original is not None for p in w.original.parameters()}
+        shared = {id(p) for w in wrappers if w.out_projection is not None for p in w.out_projection.parameters()}
+        ids = {id(p) for p in student.parameters()} - (teacher_ids - shared)
+    else:
+        raise SurgeryError(f"train must be 'replacements' or 'all', not {train!r}")
+    seen, chosen = set(), []
+    for name, p in student.named_parameters():
+        if id(p) in ids and id(p) not in seen:
+            seen.add(id(p))
+            chosen.append((name, p))
+    return chosen
+
+
+def distill(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    data: Iterable | str,
+    *,
+    mode: str = "blockwise",
+    steps: int = 1000,
+    lr: float = 1e-3,
+    batch_size: int | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    seed: int = 0,
+    eval_data: Iterable | str | None = None,
+    device: torch.device | str | None = None,
+    **settings: Any,
+) -> DistillResult:
+    """Distill the replacements in ``student`` against the attention they replaced.
+
+    Args:
+        teacher: the unreplaced model, or None (normal case after ``replace_attention``) to use the
+            originals kept inside the student's ``ReplacedAttention`` wrappers.
+        student: the replaced model; trained in place (only the replacement mixers by default).
+        data: an iterable of batches (tensor / tuple / dict of model inputs; labelled batches as
+            ``surgery.data.Labelled(inputs, labels)`` or ``(inputs, labels)`` 2-tuples with 1-D
+            integer labels), or a built-in spec such as ``"text:builtin"`` / ``"mnist"``
+            (``surgery.data.data_from_spec``). Re-iterated (with ``set_epoch``) when exhausted.
+        mode: "blockwise" (teacher-forced, default) or "e2e" (student runs on its own activations).
+        steps: optimizer steps (one batch per step and process).
+        lr: peak AdamW learning rate (linear warm-up, then cosine decay).
+        batch_size: batch size for spec-string data.
+        run_dir: a directory for config, metrics, checkpoints and the final model (None: no files).
+        resume: continue from ``run_dir``'s checkpoint; the result equals an uninterrupted run.
+        progress: a ``surgery.progress.Progress`` receiving per-step metrics.
+        seed: seed of data order and any randomness.
+        eval_data: held-out batches for the fidelity reports (default: the held-out split of a spec,
+            else the first ``eval_batches`` batches of ``data``, marked ``held_out=False``).
+        device: where to train (default: the student's device).
+        **settings: further ``DistillConfig`` fields: weight_decay, warmup (fraction of steps),
+            min_lr, grad_clip, cosine_weight, site_weight, task_weight, temperature,
+            train ("replacements" | "all"), seq_len, eval_batches, checkpoint_every, log_every,
+            max_seconds (stop early, after a checkpoint), labelled, fast (batched multi-head LSTM
+            recurrence, same results; see ``surgery.distill.fastpath``).
+
+    Returns:
+        ``DistillResult`` with per-site before/after numbers and the end-to-end ``fidelity`` report.
+
+    Example:
+        >>> import torch, timm, surgery
+        >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+        >>> _ = surgery.replace_attention(vit, "conv", torch.randn(1, 3, 32, 32))
+        >>> data = [torch.randn(4, 3, 32, 32) for _ in range(4)]
+        >>> result = surgery.distill(None, vit, data, steps=20, lr=3e-3)
+        >>> result.sites[0].relative_mse_after < result.sites[0].relative_mse_before
+        True
+    """
+    unknown = set(settings) - {f.name for f in dataclasses.fields(DistillConfig)}
+    if unknown:
+        raise SurgeryError(f"unknown distill setting(s) {sorted(unknown)}; see surgery.distill.DistillConfig")
+    if mode not in MODES:
+        raise SurgeryError(f"mode must be one of {MODES}, not {mode!r}")
+    if steps < 1:
+        raise SurgeryError(f"steps must be at least 1, not {steps}")
+    config = DistillConfig(mode=mode, steps=steps, lr=lr, seed=seed, batch_size=batch_size, **settings)
+    if isinstance(data, str):
+        config.data = data
+    if isinstance(eval_data, str):
+        config.eval_data = eval_data
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    world = init_from_env(device)
+    try:
+        return _Trainer(teacher, student, data, eval_data, config, device, world, run_dir, resume,
+                        progress or NullProgress()).run()
+    finally:
+        shutdown(world)
+
+
+class _Trainer:
+    def __init__(self, teacher, student, data, eval_data, config: DistillConfig, device, world: World,
+                 run_dir, resume: bool, progress: Progress) -> None:
+        self.teacher, self.student, self.config, self.device, self.world = teacher, student, config, device, world
+        self.progress = progress
+        self.rundir = None if run_dir is None else RunDirectory(run_dir, writer=world.main)
+        self.resume = resume
+        if resume and self.rundir is None:
+            raise SurgeryError("resume=True needs run_dir")
+        torch.manual_seed(config.seed)
+        self.data = self._resolve_data(data, "train")
+        self.held_out = True
+        if eval_data is not None:
+            self.eval_data = self._resolve_data(eval_data, "heldout")
+        elif isinstance(data, str):
+            self.eval_data = self._resolve_data(data, "heldout")
+        else:
+            self.eval_data, self.held_out = self.data, False
+        self.wrappers = {w.site.name: w for w in replaced_sites(student)}
+        if not self.wrappers:
+            raise SurgeryError("the student has no replaced attention sites; run surgery.replace_attention first")
+
+    def _resolve_data(self, data, split: str):
+        if isinstance(data, str):
+            return data_from_spec(data, self.student, split, batch_size=self.config.batch_size,
+                                  seq_len=self.config.seq_len, seed=self.config.seed)
+        return data
+
+    # -------------------------------------------------------------------------------- set-up
+    def _check_data(self, batch: Any) -> None:
+        """Fail before training, in one line, when the data does not fit the model."""
+        args, kwargs, labels = split_batch(batch, self.config.labelled)
+        ids = kwargs.get("input_ids")
+        vocab = getattr(getattr(self.student, "config", None), "vocab_size", None)
+        if isinstance(ids, torch.Tensor) and vocab and int(ids.max()) >= vocab:
+            raise DataError(f"token ids reach {int(ids.max())} but {type(self.student).__name__} has a "
+                            f"vocabulary of {vocab}; tokenise with the model's own tokenizer")
+        try:
+            with torch.no_grad():
+                output = main_output(self._teacher_forward(args, kwargs))
+        except SurgeryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure here means the data does not fit
+            first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+            raise DataError(f"the data does not fit {type(self.student).__name__}: {first}") from None
+        if labels is not None and output_kind(output) == "classifier" and int(labels.max()) >= output.shape[-1]:
+            raise DataError(f"labels reach {int(labels.max())} but the model has {output.shape[-1]} "
+                            "classes; give labels of this model's classes")
+
+    def _teacher_forward(self, args, kwargs):
+        if self.teacher is not None:
+            return call_model(self.teacher, args, kwargs)
+        previous = {n: w.use_original for n, w in self.wrappers.items()}
+        for w in self.wrappers.values():
+            w.use_original = True
+        try:
+            return call_model(self.student, args, kwargs)
+        finally:
+            for n, w in self.wrappers.items():
+                w.use_original = previous[n]
+
+    def _evaluate(self) -> FidelityReport:
+        return evaluate_fidelity(self.teacher, self.student, self.eval_data, max_batches=self.config.eval_batches,
+                                 labelled=self.config.labelled, device=self.device, held_out=self.held_out,
+                                 fast=self.config.fast)
+
+    # -------------------------------------------------------------------------------- main loop
+    def run(self) -> DistillResult:
+        config, student, world = self.config, self.student, self.world
+        student.to(self.device).eval()
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
+        # training all weights would move the shared (non-attention) weights under the kept
+        # originals too: the teacher must then be a frozen copy taken before any step
+        if config.train == "all" and self.teacher is None:
+            self.teacher = copy.deepcopy(student)
+            for w in replaced_sites(self.teacher):
+                w.use_original = True
+        named = _trainable(student, config.train)
+        params = [p for _, p in named]
+        flags = {id(p): p.requires_grad for p in student.parameters()}
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            return self._loop(named, params)
+        finally:
+            for p in student.parameters():
+                p.requires_grad_(flags.get(id(p), True))
+
+    def _loop(self, named, params) -> DistillResult:
+        config, world, run = self.config, self.world, self.rundir
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+        checkpoint = run.load_checkpoint() if (run is not None and self.resume) else None
+        stage = config.key()
+        step, epoch, consumed, scales, before, hidden_scale = 0, 0, 0, None, None, 1.0
+        if checkpoint is not None:
+            if checkpoint["stage"] != stage:
+                raise SurgeryError(f"the checkpoint in {run.path} belongs to other settings (stage "
+                                   f"{checkpoint['stage']} vs {stage}); resume with the same settings or "
+                                   "start without --resume")
+            by_name = dict(named)
+            missing = [k for k in checkpoint["params"] if k not in by_name]
+            if missing:
+                raise SurgeryError(f"the checkpoint in {run.path} does not fit the model ({missing[:2]})")
+            with torch.no_grad():
+                for name, value in checkpoint["params"].items():
+                    by_name[name].copy_(value)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            torch.set_rng_state(checkpoint["rng"])
+            step, epoch, consumed = checkpoint["step"], checkpoint["epoch"], checkpoint["consumed"]
+            scales, hidden_scale = checkpoint["scales"], checkpoint["hidden_scale"]
+            before = FidelityReport(**json.loads(checkpoint["before"]))
+            before.sites = [_site_from_dict(s) for s in before.sites]
+            if run is not None:
+                run.truncate_metrics(stage, step)
+        elif run is not None:
+            run.write_config({**dataclasses.asdict(config), "stage": stage})
+        resumed_from = step
+        batches = _shards(self.data, world, epoch, consumed)
+        started = time.monotonic()
+        first = None
+        if step < config.steps:
+            epoch_, consumed_, first = next(batches)
+            first = to_device(first, self.device)
+            self._check_data(first)
+        if before is None:
+            before = self._evaluate()
+        capture = TeacherCapture(self.student, self.teacher)
+        self.progress.start(config.steps, f"distill ({config.mode})", completed=step)
+        if resumed_from:
+            self.progress.message(f"resumed at step {resumed_from} from {run.checkpoint_path}")
+        last_saved = step
+        metrics: dict[str, float] = {}
+        stopped_early = False
+
+        def save(step_done: int, epoch_: int, consumed_: int) -> None:
+            nonlocal last_saved
+            if run is None:
+                return
+            run.save_checkpoint({
+                "stage": stage, "step": step_done, "epoch": epoch_, "consumed": consumed_,
+                "params": {n: p.detach().cpu().clone() for n, p in named},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "scales": scales, "hidden_scale": hidden_scale,
+                "before": json.dumps(before.to_dict()),
+            })
+            last_saved = step_done
+
+        with capture, _SignalGuard() as guard:
+            position = (epoch, consumed)
+            while step < config.steps:
+                if first is not None:
+                    batch, first = first, None
+                    position = (epoch_, consumed_)
+                else:
+                    epoch_, consumed_, batch = next(batches)
+                    batch = to_device(batch, self.device)
+                    position = (epoch_, consumed_)
+                args, kwargs, labels = split_batch(batch, config.labelled)
+                teacher_out = capture.run(lambda: self._teacher_forward(args, kwargs))
+                if scales is None:
+                    scales, hidden_scale = self._measure_scales(capture, teacher_out, kwargs)
+                site_losses, task = self._losses(capture, teacher_out, args, kwargs, labels, scales, hidden_scale)
+                loss = config.site_weight * torch.stack(list(site_losses.values())).sum()
+                if task is not None:
+                    loss = loss + config.task_weight * task
+                values = torch.stack([*(l.detach() for l in site_losses.values()),
+                                      task.detach() if task is not None else torch.zeros(())])
+                values = all_mean(values, world)
+                if not bool(torch.isfinite(values).all()):
+                    self._diverged(site_losses, values, step, last_saved)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(params, world)
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                metrics = {f"site/{n}": float(v) for n, v in zip(site_losses, values)}
+                metrics["loss"] = float(values[:-1].sum() * config.site_weight
+                                        + (values[-1] * config.task_weight if task is not None else 0.0))
+                if task is not None:
+                    metrics["task"] = float(values[-1])
+                metrics["lr"] = scheduler.get_last_lr()[0]
+                self.progress.update(step, metrics)
+                if run is not None and (step % config.log_every == 0 or step == config.steps):
+                    run.append_metrics({"stage": stage, "mode": config.mode, "step": step,
+                                        "elapsed": round(time.monotonic() - started, 3), **metrics})
+                out_of_time = config.max_seconds is not None and time.monotonic() - started > config.max_seconds
+                if step % config.checkpoint_every == 0 or step == config.steps or guard.requested or out_of_time:
+                    save(step, *position)
+                if guard.requested:
+                    self.progress.message(f"stopped at step {step}; checkpoint saved in "
+                                          f"{run.path if run else '(no run_dir)'}; resume with --resume")
+                    self.progress.finish()
+                    raise KeyboardInterrupt
+                if out_of_time:
+                    stopped_early = True
+                    self.progress.message(f"max_seconds reached at step {step}")
+                    break
+        self.progress.finish()
+        seconds = time.monotonic() - started
+        after = self._evaluate()
+        result = DistillResult(
+            sites=[SiteResult(b.name, b.relative_mse, a.relative_mse, b.cosine, a.cosine)
+                   for b, a in zip(before.sites, after.sites)],
+            fidelity=after, fidelity_before=before, steps=step, mode=config.mode,
+            run_dir=str(run.path) if run else None, resumed_from=resumed_from, stopped_early=stopped_early,
+            seconds=seconds, final_metrics=metrics)
+        if run is not None and world.main:
+            from surgery.checkpoint import save as save_model
+
+            save_model(self.student, run.path, extra={"distill": {**dataclasses.asdict(config), "stage": stage,
+                                                                  "steps_done": step}})
+            run.write_json(FIDELITY, result.to_dict())
+        barrier(world)
+        return result
+
+    def _measure_scales(self, capture: TeacherCapture, teacher_out, kwargs) -> tuple[dict[str, float], float]:
+        """Mean squared teacher context per site (and of the final hidden states), all processes."""
+        values = []
+        for name in self.wrappers:
+            record = capture.records[name]
+            target = record.target if record.mask is None else record.target[record.mask.bool()]
+            values.append(target.float().pow(2).mean())
+        main = main_output(teacher_out).float()
+        mask = padding_mask_of(kwargs)
+        if main.dim() == 3 and mask is not None and mask.shape == main.shape[:2]:
+            main = main[mask.bool()]
+        values.append(main.pow(2).mean())
+        values = all_mean(torch.stack(values).detach().cpu(), self.world)
+        scales = {name: max(float(v), 1e-12) for name, v in zip(self.wrappers, values[:-1])}
+        return scales, max(float(values[-1]), 1e-12)
+
+    def _losses(self, capture, teacher_out, args, kwargs, labels, scales, hidden_scale):
+        config = self.config
+        site_losses: dict[str, torch.Tensor] = {}
+        if config.mode == "blockwise":
+            names = list(self.wrappers)
+            records = [capture.records[n] for n in names]
+            predictions = site_forward([self.wrappers[n].mixer for n in names], [r.hidden for r in records],
+                                       [r.mask for r in records], enabled=config.fast)
+            for name, record, prediction in zip(names, records, predictions):
+                site_losses[name] = _relative_site_loss(prediction, record.target, record.mask, scales[name],
+                                                        config.cosine_weight)
+            task = None
+            if config.train == "all":
+                raise SurgeryError("train='all' needs mode='e2e' (blockwise trains the mixers only)")
+            return site_losses, task
+        with StudentCapture(self.student) as student_capture, fast_mixers(self.student, config.fast):
+            student_out = call_model(self.student, args, kwargs)
+        for name in self.wrappers:
+            record = capture.records[name]
+            site_losses[name] = _relative_site_loss(student_capture.contexts[name], record.target, record.mask,
+                                                    scales[name], config.cosine_weight)
+        task = _task_loss(student_out, teacher_out, labels, kwargs, config, hidden_scale)
+        return site_losses, task
+
+    def _diverged(self, site_losses, values, step, last_saved) -> None:
+        names = list(site_losses)
+        bad = next((names[i] for i in range(len(names)) if not math.isfinite(float(values[i]))), "the task term")
+        where = (f"the last good checkpoint (step {last_saved}) in {self.rundir.path} is kept"
+                 if self.rundir is not None and last_saved else "no checkpoint was written")
+        raise TrainingDivergedError(f"the loss of site {bad!r} became {float(values[names.index(bad)]) if bad in names else float(values[-1])} "
+                                    f"at step {step + 1}; {where}; lower the learning rate or check the data")
+
+
+def _site_from_dict(values):
+    from surgery.distill.fidelity import SiteFidelity
+
+    return values if isinstance(values, SiteFidelity) else SiteFidelity(**values)

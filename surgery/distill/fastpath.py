@@ -1,0 +1,158 @@
+"""A faster training path for multi-head LSTM mixers: every head, direction (and, in block-wise
+mode, every site) advances in ONE batched recurrence instead of one ``nn.LSTM`` call per head.
+
+The weights are the mixers' own per-head ``nn.LSTM`` parameters (gradients flow back to them); only
+the schedule of the computation changes. Right padding follows ``pack_padded_sequence`` semantics
+(the backward direction starts at the last real token; outputs at pads are zero), so results match
+``MultiHeadRecurrent.forward`` (checked in ``tests/test_distill.py``). Mixers that do not qualify
+(GRU, conv, stacked layers, other padding layouts) use their own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def supports(mixer: nn.Module) -> bool:
+    """Whether ``mixer`` is a single-layer multi-head LSTM this path computes exactly."""
+    heads = getattr(mixer, "heads", None)
+    if heads is None or not hasattr(mixer, "pre_proj") or not hasattr(mixer, "shape"):
+        return False
+    return all(isinstance(h.rnn, nn.LSTM) and h.rnn.num_layers == 1 and h.rnn.proj_size == 0
+               and h.rnn.batch_first and h.rnn.bias for h in heads)
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    lengths = mask.sum(1, keepdim=True)
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return bool(torch.equal(mask, positions < lengths)) and bool((lengths > 0).all())
+
+
+def batched_forward(mixers: list[nn.Module], inputs: list[torch.Tensor], mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Run several multi-head LSTM mixers (same batch shape) in one recurrence.
+
+    Args:
+        mixers: mixers for which ``supports`` is True, all bidirectional or all not.
+        inputs: their inputs [B, N, D_i].
+        mask: the shared padding mask [B, N] (True = real token) or None.
+
+    Returns:
+        Their contexts [B, N, C_i], equal to ``mixer(x, mask)``.
+    """
+    if mask is not None and bool(mask.all()):
+        mask = None
+    if mask is not None and not _right_padded(mask):
+        return [m(x, mask) for m, x in zip(mixers, inputs)]
+    bidirectional = {bool(m.bidirectional) for m in mixers}
+    # pruned mixers may keep different state sizes per head: one recurrence needs one size
+    sizes = {(h.rnn.hidden_size, h.rnn.input_size) for m in mixers for h in m.heads}
+    if len(bidirectional) != 1 or len({m.shape.head_dim for m in mixers}) != 1 or len(sizes) != 1 \
+            or any(h.rnn.input_size != m.shape.head_dim for m in mixers for h in m.heads):
+        return [m(x, mask) for m, x in zip(mixers, inputs)]
+    both = bidirectional.pop()
+    hidden = mixers[0].heads[0].rnn.hidden_size
+    head_dim = mixers[0].heads[0].rnn.input_size
+    chunks, w_ih, w_hh, bias = [], [], [], []
+    for mixer, x in zip(mixers, inputs):
+        x = mixer.pre_proj(x)
+        if mask is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        for k, head in enumerate(mixer.heads):
+            part = x[..., k * head_dim:(k + 1) * head_dim]
+            rnn = head.rnn
+            chunks.append(part)
+            w_ih.append(rnn.weight_ih_l0)
+            w_hh.append(rnn.weight_hh_l0)
+            bias.append(rnn.bias_ih_l0 + rnn.bias_hh_l0)
+            if both:
+                chunks.append(part.flip(1))
+                w_ih.append(rnn.weight_ih_l0_reverse)
+                w_hh.append(rnn.weight_hh_l0_reverse)
+                bias.append(rnn.bias_ih_l0_reverse + rnn.bias_hh_l0_reverse)
+    groups = len(chunks)
+    x = torch.stack(chunks)                                   # [G, B, N, d]
+    gates_x = torch.einsum("gbnd,ged->gbne", x, torch.stack(w_ih)) + torch.stack(bias)[:, None, None]
+    w_hh_t = torch.stack(w_hh).transpose(1, 2)                # [G, H, 4H]
+    batch, length = x.shape[1], x.shape[2]
+    step_mask = None
+    if mask is not None:
+        forward_mask = mask.to(x.dtype)
+        per_group = [forward_mask, forward_mask.flip(1)] if both else [forward_mask]
+        step_mask = torch.stack(per_group * (groups // len(per_group)))[..., None]   # [G, B, N, 1]
+    h = x.new_zeros(groups, batch, hidden)
+    c = x.new_zeros(groups, batch, hidden)
+    outputs = []
+    # unbind once: slicing gates_x per step would make backward add a full-size zero tensor per step
+    gates_steps = gates_x.unbind(2)
+    masks = step_mask.unbind(2) if step_mask is not None else None
+    for t in range(length):
+        gates = gates_steps[t] + torch.bmm(h, w_hh_t)
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if step_mask is not None:
+            m = masks[t]
+            c = c_new * m + c * (1 - m)
+            h = h_new * m + h * (1 - m)
+            outputs.append(h_new * m)
+        else:
+            c, h = c_new, h_new
+            outputs.append(h)
+    y = torch.stack(outputs, dim=2)                           # [G, B, N, H]
+    results, index = [], 0
+    for mixer in mixers:
+        parts = []
+        for head in mixer.heads:
+            forward = y[index]
+            index += 1
+            if both:
+                backward = y[index].flip(1)
+                index += 1
+                forward = torch.cat([forward, backward], dim=-1)
+            parts.append(head.out(forward))
+        results.append(torch.cat(parts, dim=-1))
+    return results
+
+
+class fast_mixers:
+    """Within this context, every supported mixer of ``model`` computes its forward with
+    ``batched_forward`` (one recurrence for all its heads and directions)."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+        from surgery.swap import replaced_sites
+
+        self.mixers = [w.mixer for w in replaced_sites(model) if enabled and supports(w.mixer)]
+
+    def __enter__(self) -> "fast_mixers":
+        for mixer in self.mixers:
+            mixer.forward = lambda x, padding_mask=None, mixer=mixer: batched_forward([mixer], [x], padding_mask)[0]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mixer in self.mixers:
+            del mixer.forward
+
+
+def site_forward(mixers: list[nn.Module], inputs: list[torch.Tensor],
+                 masks: list[torch.Tensor | None], enabled: bool = True) -> list[torch.Tensor]:
+    """Each mixer applied to its input: supported mixers sharing one mask go through one batched
+    recurrence; the rest use their own forward."""
+    results: list[torch.Tensor | None] = [None] * len(mixers)
+    batched = [i for i, m in enumerate(mixers) if enabled and supports(m)
+               and _same_mask(masks[i], masks[0])]
+    batched = [i for i in batched if mixers[i].bidirectional == mixers[batched[0]].bidirectional] if batched else []
+    if len(batched) >= 1:
+        outputs = batched_forward([mixers[i] for i in batched], [inputs[i] for i in batched], masks[batched[0]])
+        for i, out in zip(batched, outputs):
+            results[i] = out
+    for i, mixer in enumerate(mixers):
+        if results[i] is None:
+            results[i] = mixer(inputs[i], masks[i])
+    return results
+
+
+def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
