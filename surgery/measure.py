@@ -133,7 +133,11 @@ def flop_analysis(model: nn.Module, example_inputs: Any):
         >>> analysis.total()
         24
     """
-    from fvcore.nn import FlopCountAnalysis
+    import warnings
+
+    with warnings.catch_warnings():  # fvcore's import calls the deprecated torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     args, kwargs = as_args_kwargs(example_inputs)
     wrapped = _Positional(model, args, kwargs)
@@ -334,6 +338,29 @@ def peak_memory(model: nn.Module, example_inputs: Any, *, threads: int | None = 
     return {"activation_bytes": int(peak), "parameter_bytes": parameter_bytes(model)}
 
 
+@contextlib.contextmanager
+def _silenced_stderr() -> Iterator[None]:
+    """Kineto writes profiler_start/stop lines straight to file descriptor 2; keep them off the
+    user's terminal (Python-level redirection cannot catch them)."""
+    import os
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _cpu_peak_bytes(call: Callable[[], Any]) -> int:
     import os
 
@@ -341,7 +368,7 @@ def _cpu_peak_bytes(call: Callable[[], Any]) -> int:
 
     # kineto logs a harmless "gpuGetDeviceCount failed" ERROR line on machines without a GPU
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with _silenced_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         output = call()
     del output
     events = [e for e in profiler.profiler.kineto_results.events()

@@ -15,6 +15,10 @@ from surgery.cli import prune as _prune  # noqa: E402
 _prune.register(app)
 from surgery.cli import distill as _distill  # noqa: E402
 _distill.register(app)
+from surgery.cli import bench as _bench  # noqa: E402
+_bench.register(app)
+from surgery.cli import export as _export  # noqa: E402
+_export.register(app)
 
 
 def main() -> None:
