@@ -166,7 +166,7 @@ from torch import nn
 from replacements.recurrent import MultiHeadRecurrent, _is_right_padded
 from surgery.errors import SurgeryError
 
-__all__ = ["FastMultiHeadRecurrent", "kernel_status", "optimize"]
+__all__ = ["FastMultiHeadRecurrent", "FastTokenConvolution", "kernel_status", "optimize"]
 
 _KERNEL_NAME = "surgery_fast_recurrent_v2"
 _kernel_lock = threading.Lock()
@@ -272,7 +272,8 @@ class FastMultiHeadRecurrent(nn.Module):
         True
     """
 
-    def __init__(self, source: MultiHeadRecurrent, use_kernel: bool | None = None) -> None:
+    def __init__(self, source: MultiHeadRecurrent, use_kernel: bool | None = None,
+                 projection: nn.Linear | None = None) -> None:
         super().__init__()
         rnns = [head.rnn for head in source.heads]
         kinds = {type(rnn) for rnn in rnns}
@@ -307,6 +308,13 @@ class FastMultiHeadRecurrent(nn.Module):
             w_out, b_out = self._output_weights(source)
             self.register_buffer("w_out", w_out.to(reference))
             self.register_buffer("b_out", b_out.to(reference))
+            self.folded = projection is not None
+            if projection is not None:
+                # the per-head output Linears and the reused out-projection, multiplied out: one
+                # GEMM from every head's hidden states straight to the block's output
+                w_fold, b_fold = self._fold(w_out, b_out, projection)
+                self.register_buffer("w_fold", w_fold.to(reference))
+                self.register_buffer("b_fold", b_fold.to(reference))
         self.register_buffer("sizes", torch.tensor(
             [h for h in self.hidden_sizes for _ in range(self.directions)], dtype=torch.long),
             persistent=False)
@@ -355,6 +363,21 @@ class FastMultiHeadRecurrent(nn.Module):
                 b_out[k, 0, : weight.shape[0]] = head.out.bias.detach().float().cpu()
         return w_out, b_out
 
+    def _fold(self, w_out: torch.Tensor, b_out: torch.Tensor,
+              projection: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = projection.weight.detach().double().cpu()  # [D_out, sum O_k]
+        if weight.shape[1] != sum(self.output_sizes):
+            raise ValueError("the projection does not read the concatenated head outputs")
+        blocks, offset = [], 0
+        bias = (projection.bias.detach().double().cpu() if projection.bias is not None
+                else torch.zeros(weight.shape[0], dtype=torch.float64))
+        for k, width in enumerate(self.output_sizes):
+            part = weight[:, offset: offset + width]  # [D_out, O_k]
+            blocks.append(w_out[k, :, :width].double() @ part.T)  # [D*P, D_out]
+            bias = bias + b_out[k, 0, :width].double() @ part.T
+            offset += width
+        return torch.cat(blocks).float().contiguous(), bias.float()
+
     def _recurrence(self, xg: torch.Tensor, layer: int, lengths: torch.Tensor | None) -> torch.Tensor:
         w_hh, b_hh = getattr(self, f"w_hh{layer}"), getattr(self, f"b_hh{layer}")
         use_kernel = self.use_kernel if self.use_kernel is not None else True
@@ -388,6 +411,9 @@ class FastMultiHeadRecurrent(nn.Module):
             xg = torch.baddbmm(getattr(self, f"b_in{layer}"), states, getattr(self, f"w_in{layer}"))
             hidden = self._recurrence(xg.view(K, B, T, D, G * P), layer, lengths)
             states = hidden.view(K, B * T, D * P)
+        if self.folded:
+            flat_states = states.transpose(0, 1).reshape(B * T, K * D * P)
+            return torch.addmm(self.b_fold, flat_states, self.w_fold).view(B, T, -1)
         y = torch.baddbmm(self.b_out, states, self.w_out)  # [K, B*T, O]
         if len(set(self.output_sizes)) == 1:
             return y.transpose(0, 1).reshape(B, T, -1)
@@ -396,20 +422,76 @@ class FastMultiHeadRecurrent(nn.Module):
     def extra_repr(self) -> str:
         kind = "lstm" if self.is_lstm else "gru"
         return (f"{kind}, heads={len(self.hidden_sizes)}, hidden={self.hidden_sizes}, "
-                f"directions={self.directions}, layers={self.num_layers}")
+                f"directions={self.directions}, layers={self.num_layers}, "
+                f"projection_folded={self.folded}")
 
 
-def optimize(model: nn.Module, *, use_kernel: bool | None = None) -> nn.Module:
-    """Swap every ``mhlstm``/``gru`` mixer in ``model`` (in place) for its fast inference form.
-
-    Only CPU float32 mixers are converted (on GPUs the cuDNN recurrences are already fused).
-    Other replacements and plain modules are left alone. Convert after training, pruning and
-    loading: the fast form has no gradients and saves under different keys.
+class FastTokenConvolution(nn.Module):
+    """Inference form of ``conv`` (``TokenConvolution``): padding done inside the convolution when
+    it is symmetric, and optionally the reused out-projection multiplied into the last Linear.
 
     Args:
-        model: a model with replaced attention (or a bare ``MultiHeadRecurrent``'s parent).
+        source: the trained mixer (its pre-projection and convolutions are shared, not copied).
+        projection: the site's reused output projection to fold in (the wrapper then skips it).
+
+    Example:
+        >>> from replacements.conv import TokenConvolution, TokenConvolutionConfig
+        >>> from surgery.registry import MixerShape
+        >>> mixer = TokenConvolution(MixerShape(8, 8, 2, False), TokenConvolutionConfig()).eval()
+        >>> x = torch.randn(1, 5, 8)
+        >>> with torch.no_grad():
+        ...     torch.allclose(FastTokenConvolution(mixer)(x), mixer(x), atol=1e-6)
+        True
+    """
+
+    def __init__(self, source: nn.Module, projection: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.pre_proj = source.pre_proj
+        self.convs = source.convs
+        self.pads = source._pad()
+        self.folded = projection is not None
+        with torch.no_grad():
+            weight, bias = source.out.weight.detach(), source.out.bias
+            bias = bias.detach() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
+            if projection is not None:
+                p_bias = projection.bias.detach() if projection.bias is not None else 0
+                weight, bias = (projection.weight.double() @ weight.double()).to(weight.dtype), (
+                    projection.weight.double() @ bias.double() + p_bias).to(weight.dtype)
+            self.out = nn.Linear(weight.shape[1], weight.shape[0]).to(weight)
+            self.out.weight.copy_(weight)
+            self.out.bias.copy_(bias)
+        self.out.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.pre_proj(x)
+        keep = None if padding_mask is None else padding_mask.unsqueeze(1).to(x.dtype)
+        y = x.transpose(1, 2)
+        left, right = self.pads
+        for conv in self.convs:
+            if keep is not None:
+                y = y * keep
+            if left == right:  # oneDNN pads inside the kernel: no padded copy of the sequence
+                z = F.conv1d(y, conv.weight, conv.bias, padding=left, groups=conv.groups)
+            else:
+                z = conv(F.pad(y, (left, right)))
+            y = F.gelu(z) + y
+        return self.out(y.transpose(1, 2))
+
+
+def optimize(model: nn.Module, *, use_kernel: bool | None = None, fold_projection: bool = True) -> nn.Module:
+    """Swap every ``mhlstm``/``gru``/``conv`` mixer in ``model`` (in place) for its fast inference form.
+
+    Recurrent mixers get ``FastMultiHeadRecurrent`` (CPU float32 only: on GPUs the cuDNN recurrences
+    are already fused), conv mixers ``FastTokenConvolution``. With ``fold_projection`` the site's
+    reused output projection (a Linear) is multiplied into the mixer's last layer and the wrapper's
+    projection becomes an identity: one GEMM less per block. Convert after training, pruning and
+    loading: the fast forms have no gradients and save under other keys.
+
+    Args:
+        model: a model with replaced attention.
         use_kernel: force the native kernel (True) or the PyTorch loop (False); None = kernel if
             it compiles.
+        fold_projection: fold the reused output projection into the mixer.
 
     Returns:
         The same model object.
@@ -421,15 +503,34 @@ def optimize(model: nn.Module, *, use_kernel: bool | None = None) -> nn.Module:
         >>> _ = surgery.replace_attention(model, "mhlstm")
         >>> _ = optimize(surgery.finalize(model).eval())
     """
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, MultiHeadRecurrent)]
-    for name, module in targets:
-        weight = module.heads[0].rnn.weight_ih_l0
-        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    from replacements.conv import TokenConvolution
+    from surgery.swap import replaced_sites
+
+    def convertible(mixer: nn.Module) -> bool:
+        if isinstance(mixer, TokenConvolution):
+            return True
+        if isinstance(mixer, MultiHeadRecurrent):
+            weight = mixer.heads[0].rnn.weight_ih_l0
+            return weight.device.type == "cpu" and weight.dtype == torch.float32
+        return False
+
+    def build(mixer: nn.Module, projection: nn.Linear | None) -> nn.Module:
+        if isinstance(mixer, TokenConvolution):
+            return FastTokenConvolution(mixer, projection)
+        return FastMultiHeadRecurrent(mixer, use_kernel=use_kernel, projection=projection)
+
+    for wrapper in list(replaced_sites(model)):
+        if not convertible(wrapper.mixer):
             continue
-        fast = FastMultiHeadRecurrent(module, use_kernel=use_kernel)
-        if not name:
-            raise SurgeryError("optimize(model) needs a parent module; call FastMultiHeadRecurrent(mixer)")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, fast)
+        projection = wrapper.out_projection
+        fold = (fold_projection and isinstance(projection, nn.Linear)
+                and type(projection) is nn.Linear)
+        wrapper.mixer = build(wrapper.mixer, projection if fold else None)
+        if fold:
+            setattr(wrapper, wrapper.out_proj_attribute, nn.Identity())
+    # mixers used outside a wrapper (a user's own module): converted, nothing folded
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, (MultiHeadRecurrent, TokenConvolution)) and convertible(module):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, build(module, None))
     return model

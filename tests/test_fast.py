@@ -115,12 +115,30 @@ def test_optimize_padded_bert_batch(use_kernel):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_optimize_leaves_other_replacements_alone():
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("replacement", ["mhlstm", "conv"])
+def test_optimize_folds_the_reused_projection(replacement, fold):
     model, inputs = build("timm_vit")
+    surgery.replace_attention(model, replacement, inputs)
+    surgery.finalize(model)
+    optimized = fast.optimize(copy.deepcopy(model), fold_projection=fold, use_kernel=False)
+    wrapper = next(surgery.swap.replaced_sites(optimized))
+    assert isinstance(wrapper.mixer, (fast.FastMultiHeadRecurrent, fast.FastTokenConvolution))
+    assert isinstance(wrapper.out_projection, nn.Identity) == fold
+    with torch.inference_mode():
+        torch.testing.assert_close(run(optimized, inputs), run(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["hand_written_causal", "hf_bert"])
+def test_fast_conv_keeps_causal_padding_and_masks(case):
+    model, inputs = build(case)
     surgery.replace_attention(model, "conv", inputs)
-    mixers = [w.mixer for w in surgery.swap.replaced_sites(model)]
-    fast.optimize(model)
-    assert [w.mixer for w in surgery.swap.replaced_sites(model)] == mixers
+    if isinstance(inputs, dict):
+        inputs["attention_mask"][0, 9:] = 0
+    optimized = fast.optimize(copy.deepcopy(model))
+    with torch.inference_mode():
+        torch.testing.assert_close(main_tensor(run(optimized, inputs)), main_tensor(run(model, inputs)),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_fast_form_refuses_gradients():
