@@ -90,7 +90,8 @@ def _load_stage(path: Path, build_base: Callable[[], nn.Module]) -> nn.Module:
 def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_data: Iterable,
             eval_data: Iterable, plan: StagePlan, out_dir: str | Path, *,
             evaluate: Callable[[nn.Module], dict[str, float]],
-            log: Callable[[str], None] = print, progress=None) -> dict[str, Any]:
+            log: Callable[[str], None] = print, progress=None,
+            device: str | torch.device = "cpu") -> dict[str, Any]:
     """Run FAR's stages on any model and data; every stage resumes from ``out_dir/<stage>``.
 
     Args:
@@ -103,6 +104,7 @@ def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_d
         evaluate: model -> metrics (e.g. ``{"test_accuracy": ...}``) measured after every stage.
         log: one-line progress messages.
         progress: a ``surgery.progress.Progress`` for per-step metrics.
+        device: where the stages train ("cpu", "cuda"); models are built and reloaded on the CPU.
 
     Returns:
         ``{"stages": [{"stage", "steps", "seconds", "params", **evaluate(...)}, ...], "model": student}``.
@@ -125,29 +127,40 @@ def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_d
     def build_student() -> nn.Module:
         model = build_teacher()
         surgery.replace_attention(model, plan.replacement, example_inputs, config=plan.replacement_settings)
-        return model
+        return model.to(device)
 
     def distill_stage(name: str, model: nn.Module, steps: int, lr: float, warmup: float, train: str,
                       site_weight: float, mode: str, base: Callable[[], nn.Module]) -> nn.Module:
         path = out_dir / name
+        wanted = {"mode": mode, "steps": steps, "lr": lr, "train": train, "site_weight": site_weight,
+                  "task_weight": plan.task_weight, "warmup": warmup, "weight_decay": plan.weight_decay,
+                  "seed": plan.seed}
+        _check_same_settings(path, wanted)
         if _stage_done(path):
-            model = _load_stage(path, base)
+            model = _load_stage(path, base).to(device)
             info = json.loads((path / "fidelity.json").read_text())
             log(f"{out_dir.name} {name}: already done, reloaded from {path}")
             record(name, model, info.get("seconds", 0.0), info.get("steps", steps),
                    {"site_cosine": _mean([s["cosine_after"] for s in info.get("sites", [])])})
             return model
         began = time.perf_counter()
-        result = surgery.distill(
-            None, model, train_data, mode=mode, steps=steps, lr=lr, run_dir=path, resume=True,
-            eval_data=eval_data, seed=plan.seed, progress=progress, warmup=warmup, train=train,
-            site_weight=site_weight, task_weight=plan.task_weight, weight_decay=plan.weight_decay,
-            eval_batches=plan.eval_batches, labelled=True)
+        # surgery.distill trains in eval mode; cuDNN refuses an RNN backward in eval mode, and after
+        # pruning the engine's batched path is off (see _engine_workarounds): use the native kernels
+        cudnn_off = name == "recovery" and next(model.parameters()).is_cuda
+        with torch.backends.cudnn.flags(enabled=not cudnn_off):
+            result = _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight)
         record(name, model, time.perf_counter() - began, result.steps,
                {"site_cosine": _mean([s.cosine_after for s in result.sites])})
         return model
 
-    teacher = build_teacher()
+    def _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight):
+        return surgery.distill(
+            None, model, train_data, mode=mode, steps=steps, lr=lr, run_dir=path, resume=True,
+            eval_data=eval_data, seed=plan.seed, progress=progress, warmup=warmup, train=train,
+            site_weight=site_weight, task_weight=plan.task_weight, weight_decay=plan.weight_decay,
+            eval_batches=plan.eval_batches, labelled=True, **_engine_workarounds(name))
+
+    teacher = build_teacher().to(device)
     record("teacher", teacher, 0.0, 0)
     del teacher
 
@@ -159,11 +172,39 @@ def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_d
         student = distill_stage("stage2", student, plan.stage2_steps, plan.stage2_lr, plan.stage2_warmup,
                                 "all", 0.0, "e2e", build_teacher)
     if plan.prune_ratio > 0:
-        student = _prune_stage(student, example_inputs, plan, out_dir, log, record, build_teacher)
+        student = _prune_stage(student, example_inputs, plan, out_dir, log, record, build_teacher).to(device)
         if plan.recovery_steps > 0:
             student = distill_stage("recovery", student, plan.recovery_steps, plan.recovery_lr, 0.0,
                                     "all", 0.0, "e2e", build_teacher)
     return {"stages": stages, "model": student}
+
+
+def _check_same_settings(path: Path, wanted: dict[str, Any]) -> None:
+    """Refuse to reuse or resume a stage directory that was run with other settings."""
+    config = path / "config.json"
+    if not config.is_file():
+        return
+    stored = json.loads(config.read_text())
+    changed = [k for k, v in wanted.items() if k in stored and stored[k] != v
+               and not (isinstance(v, float) and math.isclose(float(stored[k]), v, rel_tol=1e-9))]
+    if changed:
+        key = changed[0]
+        raise SurgeryError(f"{path} was run with other settings ({key}={stored[key]!r}, now {wanted[key]!r}); "
+                           "give a new --out, or delete that stage directory to redo it")
+
+
+def _engine_workarounds(stage: str) -> dict[str, Any]:
+    """Settings that route around known engine problems.
+
+    After pruning, heads keep different state sizes and ``surgery.distill``'s batched LSTM path
+    (``fast=True``) falls back to the mixer's forward, which it has itself patched: a RecursionError.
+    The recovery stage therefore trains with the per-head modules (same results, slower).
+    """
+    from surgery.distill import DistillConfig
+
+    if stage == "recovery" and "fast" in {f.name for f in dataclasses.fields(DistillConfig)}:
+        return {"fast": False}
+    return {}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -177,6 +218,12 @@ def _prune_stage(student: nn.Module, example_inputs: Any, plan: StagePlan, out_d
 
     path = out_dir / "prune"
     if (path / "manifest.json").is_file():
+        from surgery.checkpoint import read_manifest
+
+        stored = read_manifest(path).get("extra", {}).get("prune_ratio")
+        if stored is not None and not math.isclose(stored, plan.prune_ratio):
+            raise SurgeryError(f"{path} was pruned at ratio {stored}, now {plan.prune_ratio}; give a new --out, "
+                               "or delete that directory to redo it")
         student = surgery.load(path, model=build_teacher())
         log(f"{out_dir.name} prune: already done, reloaded from {path}")
         record("prune", student, 0.0, 0)
@@ -184,7 +231,8 @@ def _prune_stage(student: nn.Module, example_inputs: Any, plan: StagePlan, out_d
     if not hasattr(surgery, "prune"):
         raise SurgeryError("pruning needs surgery.prune, which this installation does not have")
     began = time.perf_counter()
-    surgery.prune(student, example_inputs, ratio=plan.prune_ratio)
+    inputs = tuple(x.to(next(student.parameters()).device) for x in example_inputs)
+    surgery.prune(student, inputs, ratio=plan.prune_ratio)
     surgery.save(student, path, extra={"prune_ratio": plan.prune_ratio})
     record("prune", student, time.perf_counter() - began, 0)
     return student

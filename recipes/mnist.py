@@ -110,10 +110,11 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(images), batch_size):
-        logits = model(images[start:start + batch_size])
-        correct += int((logits.argmax(-1) == labels[start:start + batch_size]).sum())
+        logits = model(images[start:start + batch_size].to(device))
+        correct += int((logits.argmax(-1).cpu() == labels[start:start + batch_size]).sum())
     model.train(was_training)
     return 100.0 * correct / max(1, len(images))
 
@@ -136,6 +137,7 @@ class TeacherConfig:
     drop_path_rate: float = 0.1
     seed: int = 0
     limit: Optional[int] = None
+    device: str = "cpu"
 
 
 def train_teacher(config: TeacherConfig, out_dir: str | Path,
@@ -170,7 +172,7 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path,
 
     torch.manual_seed(config.seed)
     train_x, train_y, test_x, test_y = load_digits(seed=0, limit=config.limit)
-    model = build_vit(config.drop_path_rate)
+    model = build_vit(config.drop_path_rate).to(config.device)
     steps_per_epoch = math.ceil(len(train_x) / config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
@@ -178,7 +180,7 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path,
     state_path = out_dir / "teacher-train" / "state.pt"
     start_epoch, seconds = 0, 0.0
     if state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=config.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -192,8 +194,9 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path,
         total = 0.0
         for start in range(0, len(order), config.batch_size):
             index = order[start:start + config.batch_size]
-            images = random_shift(train_x[index], config.shift_pixels, generator)
-            loss = F.cross_entropy(model(images), train_y[index], label_smoothing=config.label_smoothing)
+            images = random_shift(train_x[index], config.shift_pixels, generator).to(config.device)
+            loss = F.cross_entropy(model(images), train_y[index].to(config.device),
+                                   label_smoothing=config.label_smoothing)
             if not torch.isfinite(loss):
                 raise surgery.errors.TrainingDivergedError(
                     f"teacher loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
@@ -214,6 +217,7 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path,
     model.eval()
     info = {"test_accuracy": accuracy(model, test_x, test_y), "train_accuracy": accuracy(model, train_x, train_y),
             "epochs": config.epochs, "seconds": round(seconds, 1), "params": sum(p.numel() for p in model.parameters())}
+    model.cpu()
     surgery.save(model, final, source=TEACHER_SOURCE, extra={"teacher": info, "teacher_config": asdict(config)})
     log(f"teacher: test accuracy {info['test_accuracy']:.2f}% saved to {final}")
     return model, info
@@ -237,17 +241,18 @@ class MnistConfig:
     replacements: str = "mhlstm,gru,conv"
     teacher_epochs: int = 30
     batch_size: int = 64
-    stage1_epochs: float = 4.0
+    stage1_epochs: float = 6.0
     stage1_lr: float = 2e-3
-    stage2_epochs: float = 3.0
-    stage2_lr: float = 1e-4
+    stage2_epochs: float = 6.0
+    stage2_lr: float = 5e-4
     prune_ratio: float = 0.0
-    recovery_epochs: float = 3.0
-    recovery_lr: float = 1e-4
+    recovery_epochs: float = 4.0
+    recovery_lr: float = 3e-4
     mode: str = "e2e"
     shift_pixels: int = 2
     limit: Optional[int] = None
     seed: int = 0
+    device: str = "cpu"
 
     HELP = {
         "replacements": "comma-separated replacements to apply, each in its own student (mhlstm,gru,conv).",
@@ -264,6 +269,7 @@ class MnistConfig:
         "shift_pixels": "random +-shift augmentation of training digits.",
         "limit": "use only this many train and test digits (smoke tests).",
         "seed": "seed of the students' data order and initialisation.",
+        "device": "where to train: cpu (every reported CPU number) or cuda.",
     }
 
     @property
@@ -284,6 +290,8 @@ class MnistConfig:
             raise SurgeryError(f"prune_ratio must be in [0, 1), not {self.prune_ratio}")
         if self.batch_size < 1 or self.teacher_epochs < 1:
             raise SurgeryError("batch_size and teacher_epochs must be positive")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SurgeryError(f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
 
 
 def digit_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool,
@@ -329,13 +337,13 @@ def run_mnist(config: MnistConfig, out_dir: str | Path, log: Callable[[str], Non
     config.check()
     out_dir = Path(out_dir)
     teacher_config = TeacherConfig(epochs=config.teacher_epochs, batch_size=config.batch_size,
-                                   limit=config.limit, seed=0)
+                                   limit=config.limit, seed=0, device=config.device)
     teacher, teacher_info = train_teacher(teacher_config, out_dir, log=log)
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
 
     def build_teacher() -> nn.Module:
         model = build_vit()
-        model.load_state_dict(state)
+        model.load_state_dict({k: v.cpu() for k, v in state.items()})
         return model.eval()
 
     train_x, train_y, test_x, test_y = load_digits(limit=config.limit)
@@ -357,7 +365,7 @@ def run_mnist(config: MnistConfig, out_dir: str | Path, log: Callable[[str], Non
                          eval_batches=len(test))
         result = run_far(build_teacher, (torch.zeros(1, 1, 28, 28),), train, test, plan, out_dir / replacement,
                          evaluate=lambda m: {"test_accuracy": accuracy(m, test_x, test_y)}, log=log,
-                         progress=PrintProgress(every=25))
+                         progress=PrintProgress(every=25), device=config.device)
         for row in result["stages"]:
             if row["stage"] == "teacher" and rows:
                 continue

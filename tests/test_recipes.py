@@ -86,6 +86,9 @@ def test_mnist_recipe_end_to_end_with_pruning_and_resume(tmp_path):
     again = run_mnist(config, tmp_path, log=quiet)
     assert [r["test_accuracy"] for r in again["rows"]] == [r["test_accuracy"] for r in report["rows"]]
     assert [r["params"] for r in again["rows"]] == [r["params"] for r in report["rows"]]
+    # a stage directory run with other settings is never silently reused
+    with pytest.raises(SurgeryError, match="other settings"):
+        run_mnist(MnistConfig(**{**config.__dict__, "stage1_lr": 0.5}), tmp_path, log=quiet)
 
 
 # ------------------------------------------------------------------------------------ DeiT
