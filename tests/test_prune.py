@@ -181,9 +181,12 @@ def test_hoyer_square_and_threshold():
 
 def test_taylor_importance_uses_the_teacher_and_needs_a_loss_after_finalize():
     model, x = _replaced("gru")
+    for p in model.blocks.parameters():  # frozen weights are scored too (and stay frozen)
+        p.requires_grad_(False)
     report = surgery.prune(model, x, ratio=0.3, importance="taylor", data=[x, x], measure_flops=False)
     assert report.params_after < report.params_before
     assert all(p.grad is None for p in model.parameters())
+    assert not any(p.requires_grad for p in model.blocks[0].mlp.parameters())
     surgery.finalize(model)
     with pytest.raises(PruningError, match="taylor"):
         surgery.prune(model, x, ratio=0.3, importance="taylor", measure_flops=False)

@@ -384,8 +384,11 @@ def _taylor_gradients(model: nn.Module, batches: list, loss_fn: Callable | None)
         raise PruningError("importance='taylor' needs a loss: keep the originals (prune before finalize) "
                            "or pass loss_fn=(model, batch) -> scalar")
     flags = [(m, m.training) for m in model.modules()]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()  # no dropout: the gradient should describe the deterministic model
     model.zero_grad(set_to_none=True)
+    for p in frozen:  # frozen weights still need a gradient to be scored
+        p.requires_grad_(True)
     try:
         with torch.enable_grad():
             for raw, inputs in batches:
@@ -403,6 +406,8 @@ def _taylor_gradients(model: nn.Module, batches: list, loss_fn: Callable | None)
             wrapper.use_original = False
         for module, training in flags:
             module.training = training
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------- mutate/undo
@@ -561,6 +566,8 @@ def prune(
 
     # 5. mutate, with undo
     saved = _snapshot(m for b in bundles for m in b.modules)
+    # torch-pruning replaces parameters with new ones that require grad: keep frozen weights frozen
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     results = []
     try:
         for bundle, (orders, _), count in zip(bundles, ranked, counts):
@@ -568,6 +575,8 @@ def prune(
             if count:
                 bundle.apply([order[:count].tolist() for order in orders])
             results.append(BundleResult(bundle.name, bundle.kind, before, before - count))
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable.get(name, p.requires_grad))
         output = _eval_output(model, example_inputs)
         if not torch.isfinite(output).all():
             raise PruningError("the pruned model's output is not finite")
