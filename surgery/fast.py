@@ -36,6 +36,7 @@ _KERNEL_SOURCE = r'''
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -62,45 +63,60 @@ inline void matvec_tile(const float* __restrict w, const float* __restrict h, co
 }
 
 template <bool IS_LSTM>
-void run_unit(const float* __restrict xg, const float* __restrict whh, const float* __restrict bhh,
-              float* __restrict out, int64_t steps, int64_t length, bool reverse, int64_t hidden,
-              int64_t P, int64_t x_step, int64_t o_step) {
+inline void gates(const float* __restrict x, const float* __restrict a, float* __restrict hp,
+                  float* __restrict cp, float* __restrict o, int64_t P) {
+  if (IS_LSTM) {
+#pragma omp simd
+    for (int64_t j = 0; j < P; ++j) {
+      const float ig = sigmoid(x[j] + a[j]);
+      const float fg = sigmoid(x[P + j] + a[P + j]);
+      const float gg = tanhf(x[2 * P + j] + a[2 * P + j]);
+      const float og = sigmoid(x[3 * P + j] + a[3 * P + j]);
+      const float cj = fg * cp[j] + ig * gg;
+      cp[j] = cj;
+      const float hj = og * tanhf(cj);
+      hp[j] = hj;
+      o[j] = hj;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < P; ++j) {
+      const float rg = sigmoid(x[j] + a[j]);
+      const float zg = sigmoid(x[P + j] + a[P + j]);
+      const float ng = tanhf(x[2 * P + j] + rg * a[2 * P + j]);
+      const float hj = (1.f - zg) * ng + zg * hp[j];
+      hp[j] = hj;
+      o[j] = hj;
+    }
+  }
+}
+
+// One unit (head, direction) for a group of samples advanced in lockstep: W_hh is walked tile by
+// tile and each tile (64 gate columns x hidden rows, <= 16 KiB) serves every sample of the group
+// from L1, instead of streaming the whole matrix from L2 once per sample and step.
+template <bool IS_LSTM>
+void run_group(const float* __restrict xg, const float* __restrict whh, const float* __restrict bhh,
+               float* __restrict out, int64_t samples, const int64_t* lengths, bool reverse,
+               int64_t hidden, int64_t P, int64_t x_step, int64_t o_step, int64_t x_sample,
+               int64_t o_sample) {
   constexpr int64_t G = IS_LSTM ? 4 : 3;
   const int64_t GP = G * P;  // a multiple of 8: P is padded to a multiple of 8
-  std::vector<float> acc(GP), h(P, 0.f), c(P, 0.f);
-  float* __restrict a = acc.data();
-  float* __restrict hp = h.data();
-  float* __restrict cp = c.data();
-  for (int64_t s = 0; s < length; ++s) {
-    const int64_t t = reverse ? length - 1 - s : s;
-    const float* __restrict x = xg + t * x_step;
+  std::vector<float> acc(samples * GP), h(samples * P, 0.f), c(samples * P, 0.f);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < samples; ++b) longest = std::max(longest, lengths[b]);
+  for (int64_t s = 0; s < longest; ++s) {
     int64_t r = 0;
-    for (; r + 64 <= GP; r += 64) matvec_tile<8>(whh + r, hp, bhh + r, a + r, hidden, GP);
-    for (; r < GP; r += 8) matvec_tile<1>(whh + r, hp, bhh + r, a + r, hidden, GP);
-    float* __restrict o = out + t * o_step;
-    if (IS_LSTM) {
-#pragma omp simd
-      for (int64_t j = 0; j < P; ++j) {
-        const float ig = sigmoid(x[j] + a[j]);
-        const float fg = sigmoid(x[P + j] + a[P + j]);
-        const float gg = tanhf(x[2 * P + j] + a[2 * P + j]);
-        const float og = sigmoid(x[3 * P + j] + a[3 * P + j]);
-        const float cj = fg * cp[j] + ig * gg;
-        cp[j] = cj;
-        const float hj = og * tanhf(cj);
-        hp[j] = hj;
-        o[j] = hj;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < P; ++j) {
-        const float rg = sigmoid(x[j] + a[j]);
-        const float zg = sigmoid(x[P + j] + a[P + j]);
-        const float ng = tanhf(x[2 * P + j] + rg * a[2 * P + j]);
-        const float hj = (1.f - zg) * ng + zg * hp[j];
-        hp[j] = hj;
-        o[j] = hj;
-      }
+    for (; r + 64 <= GP; r += 64)
+      for (int64_t b = 0; b < samples; ++b)
+        if (s < lengths[b]) matvec_tile<8>(whh + r, h.data() + b * P, bhh + r, acc.data() + b * GP + r, hidden, GP);
+    for (; r < GP; r += 8)
+      for (int64_t b = 0; b < samples; ++b)
+        if (s < lengths[b]) matvec_tile<1>(whh + r, h.data() + b * P, bhh + r, acc.data() + b * GP + r, hidden, GP);
+    for (int64_t b = 0; b < samples; ++b) {
+      if (s >= lengths[b]) continue;
+      const int64_t t = reverse ? lengths[b] - 1 - s : s;
+      gates<IS_LSTM>(xg + b * x_sample + t * x_step, acc.data() + b * GP, h.data() + b * P,
+                     c.data() + b * P, out + b * o_sample + t * o_step, P);
     }
   }
 }
@@ -133,18 +149,24 @@ torch::Tensor recurrence(torch::Tensor xg, torch::Tensor whh, torch::Tensor bhh,
   const float* bp = bhh.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t x_step = D * G * P, o_step = D * P;
-  // one work item = one (head, direction, sample): independent recurrences
-  at::parallel_for(0, K * D * B, 1, [&](int64_t begin, int64_t end) {
+  // one work item = one (head, direction) and a group of up to 4 samples: independent recurrences
+  constexpr int64_t GROUP = 4;
+  const int64_t groups = (B + GROUP - 1) / GROUP;
+  const int64_t x_sample = T * x_step, o_sample = T * o_step;
+  at::parallel_for(0, K * D * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item % B, unit = item / B, k = unit / D, d = unit % D;
-      const float* x = xp + ((k * B + b) * T * D + d) * G * P;
-      float* o = op + ((k * B + b) * T * D + d) * P;
+      const int64_t g = item % groups, unit = item / groups, k = unit / D, d = unit % D;
+      const int64_t b0 = g * GROUP, samples = std::min(GROUP, B - b0);
+      const float* x = xp + ((k * B + b0) * T * D + d) * G * P;
+      float* o = op + ((k * B + b0) * T * D + d) * P;
       const float* w = wp + unit * P * G * P;
       const float* bb = bp + unit * G * P;
       if (is_lstm)
-        run_unit<true>(x, w, bb, o, T, len[b], d == 1, sizes_a[unit], P, x_step, o_step);
+        run_group<true>(x, w, bb, o, samples, len.data() + b0, d == 1, sizes_a[unit], P, x_step,
+                        o_step, x_sample, o_sample);
       else
-        run_unit<false>(x, w, bb, o, T, len[b], d == 1, sizes_a[unit], P, x_step, o_step);
+        run_group<false>(x, w, bb, o, samples, len.data() + b0, d == 1, sizes_a[unit], P, x_step,
+                         o_step, x_sample, o_sample);
     }
   });
   return out;
@@ -168,7 +190,7 @@ from surgery.errors import SurgeryError
 
 __all__ = ["FastMultiHeadRecurrent", "FastTokenConvolution", "kernel_status", "optimize"]
 
-_KERNEL_NAME = "surgery_fast_recurrent_v2"
+_KERNEL_NAME = "surgery_fast_recurrent_v3"
 _kernel_lock = threading.Lock()
 _kernel: Any = None
 _kernel_error: str | None = None

@@ -70,6 +70,18 @@ def test_fast_form_equals_training_form(kind, causal, layers, mask_name, use_ker
 
 
 @pytest.mark.parametrize("kind", ["mhlstm", "gru"])
+def test_batches_larger_than_one_sample_group(kind, use_kernel):
+    mixer = _mixer(kind, layers=1)
+    x = torch.randn(7, 11, 16)
+    lengths = torch.tensor([11, 3, 9, 11, 1, 6, 10])
+    mask = torch.arange(11).unsqueeze(0) < lengths.unsqueeze(1)
+    with torch.inference_mode():
+        for m in (None, mask):
+            torch.testing.assert_close(fast.FastMultiHeadRecurrent(mixer, use_kernel=use_kernel)(x, m),
+                                       mixer(x, m), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mhlstm", "gru"])
 def test_heads_pruned_to_different_sizes(kind, use_kernel):
     mixer = _prune_heads(_mixer(kind, heads=3, dim=24, layers=2), [8, 3, 5])
     x = torch.randn(2, 7, 24)
