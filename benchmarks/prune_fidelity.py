@@ -109,8 +109,8 @@ def main() -> None:
     base = surgery.count_parameters(teacher)
     print(f"teacher params {base:,}; distilled {args.distill_steps if replaced else 0} steps "
           f"({distill_seconds:.0f} s) on {device}")
-    print("| variant | ratio | importance | params | x teacher | embedding cosine | after "
-          f"{args.recover_steps} recovery steps |")
+    recovery = f"after {args.recover_steps} recovery steps" if replaced and args.recover_steps else "recovered"
+    print(f"| variant | ratio | importance | params | x teacher | embedding cosine | {recovery} |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         recovered = f"{r['cosine_recovered']:.4f}" if r["cosine_recovered"] is not None else "-"
