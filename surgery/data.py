@@ -178,11 +178,12 @@ def builtin_text(split: str = "train") -> list[str]:
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    chosen = [n for i, n in enumerate(names) if (i % 8 == 7) == (split != "train")]
-    paragraphs = []
-    for name in chosen:
-        paragraphs += _paragraphs(topics[name])
-    return paragraphs
+    held = [p for i, n in enumerate(names) if i % 8 == 7 for p in _paragraphs(topics[n])]
+    if split != "train":
+        return held
+    # boilerplate paragraphs ("New in version 3.3.") recur across topics: keep them out of training
+    held_set = set(held)
+    return [p for i, n in enumerate(names) if i % 8 != 7 for p in _paragraphs(topics[n]) if p not in held_set]
 
 
 def file_text(path: str | Path, split: str = "train") -> list[str]:
@@ -318,10 +319,16 @@ def image_config(model: nn.Module) -> dict[str, Any]:
     from timm.data import resolve_data_config
 
     try:
-        return resolve_data_config({}, model=model)
+        config = resolve_data_config({}, model=model)
     except Exception as error:  # noqa: BLE001 - timm raises plain exceptions for non-image models
         raise DataError(f"image data needs an image model; {type(model).__name__} has no image "
                         f"preprocessing config ({error})") from None
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None):
+        # a ViT built with its own img_size / in_chans has no matching pretrained_cfg
+        channels = getattr(getattr(patch_embed, "proj", None), "in_channels", config["input_size"][0])
+        config["input_size"] = (channels, *patch_embed.img_size)
+    return config
 
 
 def mnist_batches(model: nn.Module, split: str = "train", *, batch_size: int = 32, shuffle: bool = True,
@@ -461,8 +468,11 @@ def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_s
             raise DataError("text data needs a source: text:builtin or text:<file or folder>")
         texts = builtin_text(split) if rest == "builtin" else file_text(rest, split)
         if not train:
-            # held-out text is judged sentence by sentence (what sentence embeddings are for)
-            return text_batches(model, sentences(texts), batch_size=batch_size or 16, seq_len=seq_len,
+            # held-out text is judged sentence by sentence (what sentence embeddings are for); a
+            # sentence that also occurs in the training text is dropped
+            seen = "\n".join(builtin_text("train") if rest == "builtin" else file_text(rest, "train"))
+            unseen = [t for t in sentences(texts) if t not in seen]
+            return text_batches(model, unseen, batch_size=batch_size or 16, seq_len=seq_len,
                                 shuffle=False, drop_last=False, pack=False)
         return text_batches(model, texts, batch_size=batch_size or 16, seq_len=seq_len, shuffle=True,
                             seed=seed, drop_last=True)

@@ -89,6 +89,12 @@ def run_distill(run: Path, *, data: Optional[str] = None, steps: Optional[int] =
             raise SurgeryError(f"{run} has no distillation to resume (no config.json); run without --resume")
         previous.pop("stage", None)
         chosen = {**previous, **chosen}
+    elif not chosen.get("data") and (Path(run) / "config.json").is_file():
+        # a new stage in the same run directory reads the same data by default
+        previous = RunDirectory(run, writer=False).read_config()
+        for key in ("data", "eval_data", "batch_size", "seq_len"):
+            if previous.get(key) is not None and key not in chosen:
+                chosen[key] = previous[key]
     if not chosen.get("data"):
         raise SurgeryError("give training data with --data (e.g. --data text:builtin, --data mnist)")
     chosen.setdefault("steps", 1000)

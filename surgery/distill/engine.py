@@ -78,6 +78,8 @@ class DistillConfig:
     max_seconds: float | None = None
     labelled: bool | None = None
     fast: bool = True
+    init: str = "none"
+    init_batches: int = 4
 
     def key(self) -> str:
         """A digest of the settings that change the result (resume refuses a different one)."""
@@ -285,7 +287,9 @@ def distill(
         **settings: further ``DistillConfig`` fields: weight_decay, warmup (fraction of steps),
             min_lr, grad_clip, cosine_weight, site_weight, task_weight, temperature,
             train ("replacements" | "all"), seq_len, eval_batches, checkpoint_every, log_every,
-            max_seconds (stop early, after a checkpoint), labelled, fast (batched multi-head LSTM
+            max_seconds (stop early, after a checkpoint), labelled, init ("teacher": start multi-head
+            LSTMs from the originals' value projections and a least-squares fit, see
+            ``surgery.distill.init``), init_batches, fast (batched multi-head LSTM
             recurrence, same results; see ``surgery.distill.fastpath``).
 
     Returns:
@@ -382,6 +386,12 @@ class _Trainer:
             for n, w in self.wrappers.items():
                 w.use_original = previous[n]
 
+    def eval_source_for_init(self):
+        """Training batches for the initial fit (never the held-out ones), in epoch-0 order."""
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(0)
+        return self.data
+
     def _evaluate(self) -> FidelityReport:
         return evaluate_fidelity(self.teacher, self.student, self.eval_data, max_batches=self.config.eval_batches,
                                  labelled=self.config.labelled, device=self.device, held_out=self.held_out,
@@ -452,6 +462,19 @@ class _Trainer:
             self._check_data(first)
         if before is None:
             before = self._evaluate()
+            if config.init == "teacher":
+                # a fresh stage only: a resumed one restores the initialised (and trained) weights
+                from surgery.distill.init import initialise_from_teacher
+
+                began = time.monotonic()
+                chosen = initialise_from_teacher(self.student, self.eval_source_for_init(),
+                                                 batches=config.init_batches, labelled=config.labelled)
+                self.progress.message(f"initialised {len(chosen)} sites from the teacher's value projections "
+                                      f"in {time.monotonic() - began:.0f} s")
+                if run is not None:
+                    run.append_metrics({"stage": stage, "mode": config.mode, "step": 0, "init": chosen})
+            elif config.init != "none":
+                raise SurgeryError(f"init must be 'none' or 'teacher', not {config.init!r}")
         capture = TeacherCapture(self.student, self.teacher)
         self.progress.start(config.steps, f"distill ({config.mode})", completed=step)
         if resumed_from:

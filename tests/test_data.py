@@ -1,0 +1,100 @@
+"""surgery.data: batch forms, built-in sources (pydoc text, MNIST, random), held-out splits, specs."""
+
+import pytest
+import torch
+
+from models import build
+from surgery.data import (
+    Batches, Labelled, builtin_text, data_from_spec, file_text, mnist_batches, pack_sentences, sentences,
+    split_batch, text_batches,
+)
+from surgery.errors import DataError
+
+
+def test_split_batch_forms():
+    x = torch.zeros(2, 3)
+    assert split_batch(x)[0][0] is x
+    args, kwargs, labels = split_batch({"input_ids": x})
+    assert args == () and kwargs["input_ids"] is x and labels is None
+    args, _, labels = split_batch((x, torch.tensor([1, 0])))
+    assert args == (x,) and labels.tolist() == [1, 0]
+    # two positional inputs that are not (inputs, labels)
+    args, _, labels = split_batch((x, torch.ones(2, 3)))
+    assert len(args) == 2 and labels is None
+    assert split_batch(Labelled({"a": x}, torch.tensor([1, 1])))[1]["a"] is x
+    assert split_batch((x, torch.tensor([1, 0])), labelled=False)[2] is None
+    with pytest.raises(DataError):
+        split_batch("text")
+
+
+def test_batches_are_deterministic_per_epoch():
+    data = Batches(10, lambda idx: idx, batch_size=3, seed=1)
+    first = list(data)
+    assert list(data) == first and len(first) == 3
+    data.set_epoch(1)
+    assert list(data) != first
+    assert sorted(i for b in first for i in b) == sorted(set(i for b in first for i in b))
+    with pytest.raises(DataError, match="fewer than one batch"):
+        Batches(2, lambda idx: idx, batch_size=4)
+
+
+def test_builtin_text_holds_out_whole_topics():
+    train, held = builtin_text("train"), builtin_text("heldout")
+    assert len(train) > 5 * len(held) > 0
+    assert not set(train) & set(held)
+    assert all(5 <= len(s.split()) <= 60 for s in sentences(held))
+    from surgery.models import load_model
+
+    seen = "\n".join(train)
+    evaluation = data_from_spec("text:builtin", load_model("minilm"), "heldout", batch_size=8)
+    assert evaluation.size > 150
+    assert evaluation.size == sum(1 for s in sentences(held) if s not in seen) <= len(sentences(held))
+
+
+def test_text_file_split_and_missing(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("\n\n".join(f"Paragraph number {i} has a few words." for i in range(30)))
+    assert len(file_text(path)) == 27 and len(file_text(path, "heldout")) == 3
+    with pytest.raises(DataError, match="does not exist"):
+        file_text(tmp_path / "missing.txt")
+
+
+def test_text_batches_use_the_model_tokenizer():
+    from surgery.models import load_model
+
+    model = load_model("minilm")
+    data = text_batches(model, builtin_text("heldout"), batch_size=4, seq_len=32)
+    batch = next(iter(data))
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 32
+    assert batch["attention_mask"][:, 0].all()
+    lengths = batch["attention_mask"].sum(1)
+    assert (batch["input_ids"][torch.arange(4), lengths - 1] == 102).all()  # [SEP] ends each row
+    from surgery.data import tokenizer_for
+
+    pieces = pack_sentences(builtin_text("heldout")[:20], tokenizer_for(model), 32)
+    # re-tokenising a cut piece may add a token at its edges; text_batches truncates to seq_len anyway
+    assert pieces and all(len(tokenizer_for(model)(p)["input_ids"]) <= 34 for p in pieces)
+    held = data_from_spec("text:builtin", model, "heldout", batch_size=8)
+    assert len(held) > 10
+    with pytest.raises(DataError, match="tokenizer"):
+        data_from_spec("text:builtin", build("timm_vit")[0])
+
+
+def test_mnist_batches_fit_an_image_model():
+    model, _ = build("timm_vit")
+    data = mnist_batches(model, batch_size=8)
+    batch = next(iter(data))
+    assert isinstance(batch, Labelled) and tuple(batch.inputs.shape) == (8, 3, 32, 32)
+    assert batch.labels.dtype == torch.long and 0 <= int(batch.labels.min()) <= int(batch.labels.max()) <= 9
+    assert len(data) == 500 and data_from_spec("mnist", model, "heldout").size == 1000
+    assert model(batch.inputs).shape == (8, 10)
+
+
+def test_random_spec_and_unknown_spec():
+    model, _ = build("hf_bert")
+    batch = next(iter(data_from_spec("random", model, batch_size=2, seq_len=8)))
+    assert batch["input_ids"].shape == (2, 8) and int(batch["input_ids"].max()) < 100
+    with pytest.raises(DataError, match="unknown data spec"):
+        data_from_spec("nope", model)
+    with pytest.raises(DataError, match="does not exist"):
+        data_from_spec("images:/no/such/folder", build("timm_vit")[0])
