@@ -328,3 +328,16 @@ def test_pruning_twice_keeps_shrinking_heads_of_different_sizes():
     second = [h.rnn.hidden_size for w in replaced_sites(model) for h in w.mixer.heads]
     assert sum(second) < sum(first) and report.params_after < report.params_before
     assert model(x).shape == (2, 10)
+
+
+def test_a_pruner_without_units_is_not_silently_skipped(monkeypatch):
+    from replacements.recurrent import MultiHeadRecurrentPruner
+
+    model, x = _replaced("mhlstm")
+    monkeypatch.setattr(MultiHeadRecurrentPruner, "unit_bundles", lambda self, layer, name: [])
+    state = _state(model)
+    with pytest.raises(PruningError, match="offers no units at site 'blocks.0.attn'"):
+        surgery.prune(model, x, ratio=0.3, measure_flops=False)
+    _assert_same_state(model, state)
+    report = surgery.prune(model, x, ratio=0.3, skip_unprunable=True, measure_flops=False)
+    assert report.skipped_sites == ["blocks.0.attn (mhlstm)", "blocks.1.attn (mhlstm)"]

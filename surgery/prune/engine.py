@@ -532,7 +532,14 @@ def prune(
     if scope in ("all", "replacements"):
         for wrapper, pruner in site_pruners:
             if pruner is not None:
-                bundles += pruner.unit_bundles(wrapper.mixer, f"{wrapper.site.name}.mixer")
+                found = pruner.unit_bundles(wrapper.mixer, f"{wrapper.site.name}.mixer")
+                if not found:  # it would stay unpruned without anyone noticing
+                    if not skip_unprunable:
+                        raise PruningError(f"the pruner of {wrapper.replacement!r} offers no units at site "
+                                           f"{wrapper.site.name!r}; fix its unit_bundles or pass "
+                                           "skip_unprunable=True")
+                    unprunable.append(f"{wrapper.site.name} ({wrapper.replacement})")
+                bundles += found
     if scope in ("all", "mlp"):
         names = {m: n for n, m in model.named_modules()}
         for group in _mlp_groups(model, graph, list(ignored_layers), site_pruners):
