@@ -54,3 +54,13 @@ def test_prune_bad_input_is_one_line(tmp_path, monkeypatch):
         result = runner.invoke(app, ["prune", str(run), "--allow-code", *args])
         assert result.exit_code == 2, result.output
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_prune_recovers_on_the_data_the_run_was_distilled_on(tmp_path, monkeypatch):
+    run = _replaced_run(tmp_path, monkeypatch, "conv")
+    (run / "config.json").write_text(json.dumps({"data": "random:4", "steps": 5}))
+    result = runner.invoke(app, ["prune", str(run), "--ratio", "0.3", "--recover-steps", "2", "--allow-code",
+                                 "--no-flops", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["recovery"] is not None and summary["output_cosine_recovered"] is not None

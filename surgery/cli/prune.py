@@ -30,7 +30,8 @@ def prune_command(
     skip_unprunable: Annotated[bool, typer.Option(
         "--skip-unprunable", help="Leave sites whose replacement has no pruner instead of refusing.")] = False,
     data: Annotated[Optional[str], typer.Option(
-        help="Data spec for Taylor importance and recovery: text:builtin, text:PATH, mnist, images:PATH, random.")] = None,
+        help="Data spec for Taylor importance and recovery: text:builtin, text:PATH, mnist, images:PATH, "
+             "random (default: the data RUN was distilled on, if recorded).")] = None,
     recover_steps: Annotated[int, typer.Option(
         "--recover-steps", help="Distillation steps after pruning (needs --data).")] = 0,
     recover_mode: Annotated[str, typer.Option(help="Recovery distillation: blockwise or e2e.")] = "blockwise",
@@ -47,11 +48,14 @@ def prune_command(
     from surgery.inputs import default_example_inputs
     from surgery.prune import prune
 
+    if not data:
+        data = _distilled_data(run)
     if head_floor >= 1 and head_floor != int(head_floor):
         raise PruningError(f"--head-floor must be a fraction in (0, 1) or a whole count, not {head_floor}")
     floor = int(head_floor) if head_floor >= 1 else head_floor
     if recover_steps and not data:
-        raise PruningError("--recover-steps needs --data (e.g. --data text:builtin or --data mnist)")
+        raise PruningError("--recover-steps needs --data (e.g. --data text:builtin or --data mnist); "
+                           f"{run} records no distillation data")
     previous = read_manifest(run)
     model = load(run, allow_code=allow_code)
     example_inputs = default_example_inputs(model)
@@ -80,3 +84,15 @@ def prune_command(
     if report.skipped_sites:
         line += f"; skipped (no pruner): {', '.join(report.skipped_sites)}"
     console.print(line + (f"; saved to {out}" if out else ""))
+
+
+def _distilled_data(run: Path) -> str | None:
+    """The data spec a distillation run directory recorded in its config.json, if any."""
+    import json
+
+    config = Path(run) / "config.json"
+    try:
+        data = json.loads(config.read_text()).get("data") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if isinstance(data, str) else None
