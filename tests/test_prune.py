@@ -341,3 +341,13 @@ def test_a_pruner_without_units_is_not_silently_skipped(monkeypatch):
     _assert_same_state(model, state)
     report = surgery.prune(model, x, ratio=0.3, skip_unprunable=True, measure_flops=False)
     assert report.skipped_sites == ["blocks.0.attn (mhlstm)", "blocks.1.attn (mhlstm)"]
+
+
+def test_unreplaced_attention_is_left_alone():
+    model, x = build("timm_vit")
+    surgery.replace_attention(model, "mhlstm", x, targets=["blocks.0.attn"])
+    attention = {k: v.shape for k, v in model.blocks[1].attn.state_dict().items()}
+    report = surgery.prune(model, x, ratio=0.4, measure_flops=False)
+    assert {b.name for b in report.bundles if b.kind == "mlp"} == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
+    assert {k: v.shape for k, v in model.blocks[1].attn.state_dict().items()} == attention
+    assert model(x).shape == (2, 10)
