@@ -10,6 +10,7 @@ the site) adapt it to the test:
                                                    before it printed (trailing spaces ignored)
     <!-- docs-test: replace 'OLD' 'NEW' -->        text substitution in the next block only
     <!-- docs-test-page: replace 'OLD' 'NEW' -->   substitution in every block of the page
+    <!-- docs-test-page: slow -->                  mark the page's test slow (subprocess-heavy pages)
     <!-- docs-test-setup                           hidden python run before the next block
     ...code...
     -->
@@ -90,6 +91,8 @@ def parse(path: Path) -> Page:
             elif verb == "skip" and not page_level:
                 assert rest, f"{path.name}:{i + 1}: docs-test: skip needs a reason"
                 pending["skip"] = rest
+            elif verb == "slow" and page_level:
+                pass  # read by pages_to_test: the page's test is marked slow
             elif verb == "expect-output" and not page_level:
                 expect_next = True
             else:
@@ -185,13 +188,17 @@ def apply(code: str, replacements: list[tuple[str, str]], where: str) -> str:
 
 
 PAGES = pages_to_test()
+SLOW = "<!-- docs-test-page: slow -->"
+PARAMS = [pytest.param(p, id=str(p.relative_to(DOCS)),
+                       marks=[pytest.mark.slow] if SLOW in p.read_text() else [])
+          for p in PAGES]
 
 
 def test_tested_pages_exist():
     assert PAGES, "no tutorial or how-to pages found"
 
 
-@pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
+@pytest.mark.parametrize("path", PARAMS)
 def test_page_examples_run(path, tmp_path, monkeypatch):
     page = parse(path)
     runnable = [b for b in page.blocks if b.skip is None and b.language != "expect"]
