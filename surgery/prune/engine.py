@@ -608,6 +608,10 @@ def prune(
             from surgery.distill import distill
         except ImportError as error:
             raise PruningError(f"recovery needs surgery.distill, which cannot be imported ({error})") from None
+        # surgery.distill's batched LSTM fast path recurses forever on mixers whose heads have
+        # different sizes (its fallback calls the patched forward again); the plain path gives the
+        # same results, so pruned models use it until the fast path handles them
+        distill_settings.setdefault("fast", False)
         report.recovery = distill(recovery_teacher, model, data, mode=recover_mode, steps=recover_steps,
                                   progress=progress, **distill_settings)
         report.output_cosine_recovered = _cosine(reference, _eval_output(model, example_inputs))
