@@ -14,6 +14,7 @@ five nearest.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class MinilmConfig:
     """
 
     replacements: str = "mhlstm,gru,conv"
+    model: str = "minilm"
     data: str = "text:builtin"
     blockwise_steps: int = 600
     blockwise_lr: float = 2e-3
@@ -45,6 +47,7 @@ class MinilmConfig:
     eval_sentences: int = 1000
     max_seconds: Optional[float] = None
     seed: int = 0
+    device: str = "cpu"
 
     HELP = {
         "replacements": "comma-separated replacements, each distilled in its own copy (mhlstm,gru,conv).",
@@ -58,6 +61,8 @@ class MinilmConfig:
         "eval_sentences": "held-out sentences for the cosine and retrieval figures.",
         "max_seconds": "stop each phase after this many seconds (after a checkpoint).",
         "seed": "seed of data order and initialisation.",
+        "model": "minilm (the bundled all-MiniLM-L6-v2) or hf:<local dir> holding a copy of it.",
+        "device": "where to train: cpu or cuda.",
     }
 
     @property
@@ -78,6 +83,10 @@ class MinilmConfig:
         if rest != "builtin" and not Path(rest).exists():
             raise DataError(f"text source {rest!r} does not exist; give a text file, a folder of .txt files, "
                             "or text:builtin")
+        if not (self.model == "minilm" or self.model.startswith("hf:")):
+            raise SurgeryError(f"model {self.model!r} must be minilm or hf:<local dir>")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SurgeryError(f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
         if self.blockwise_steps < 1 or self.e2e_steps < 0 or self.batch_size < 1 or self.seq_len < 8:
             raise SurgeryError("blockwise_steps and batch_size must be positive, e2e_steps >= 0, seq_len >= 8")
 
@@ -100,14 +109,15 @@ def sentence_embeddings(model: nn.Module, tokenizer, texts: list[str], batch_siz
                         max_length: int = 128) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embeddings (all-MiniLM-L6-v2's own pooling)."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
+                          max_length=max_length, return_tensors="pt").to(device)
         hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
     return torch.cat(out)
 
 
@@ -158,7 +168,11 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
 
     config.check()
     out_dir = Path(out_dir)
-    teacher = load_model("minilm")
+    def load() -> nn.Module:
+        # .float(): a copy stored in half precision (to fit a transfer limit) still computes in fp32
+        return load_model(config.model).float().to(config.device)
+
+    teacher = load()
     tokenizer = tokenizer_for(teacher)
     texts = held_out_sentences(config.data, config.eval_sentences)
     teacher_embeddings = sentence_embeddings(teacher, tokenizer, texts)
@@ -173,33 +187,36 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
     example = {"input_ids": torch.ones(1, 16, dtype=torch.long),
                "attention_mask": torch.ones(1, 16, dtype=torch.long)}
     for replacement in config.replacement_list:
-        student = load_model("minilm")
-        surgery.replace_attention(student, replacement, example)
+        student = load()
+        surgery.replace_attention(student, replacement, {k: v.to(config.device) for k, v in example.items()})
         began = time.perf_counter()
+        steps_done = 0
         phases = [("blockwise", config.blockwise_steps, config.blockwise_lr)]
         if config.e2e_steps:
             phases.append(("e2e", config.e2e_steps, config.e2e_lr))
         for mode, steps, lr in phases:
             path = out_dir / replacement / mode
             if (path / "fidelity.json").is_file():
-                student = surgery.load(path, model=load_model("minilm"))
+                student = surgery.load(path, model=load_model(config.model).float()).to(config.device)
                 log(f"{replacement} {mode}: already done, reloaded from {path}")
+                steps_done += json.loads((path / "fidelity.json").read_text()).get("steps", 0)
                 continue
             log(f"{replacement} {mode}: {steps} steps at lr {lr}")
-            surgery.distill(None, student, train, mode=mode, steps=steps, lr=lr, run_dir=path, resume=True,
+            result = surgery.distill(None, student, train, mode=mode, steps=steps, lr=lr, run_dir=path, resume=True,
                             eval_data=held, seed=config.seed, progress=PrintProgress(every=50),
                             max_seconds=config.max_seconds, warmup=0.05)
+            steps_done += result.steps
         seconds = time.perf_counter() - began
         embeddings = sentence_embeddings(student, tokenizer, texts)
         cosine = float((embeddings * teacher_embeddings).sum(-1).mean())
         agreement = retrieval_agreement(teacher_embeddings, embeddings)
-        row = {"replacement": replacement, "params": surgery.count_parameters(student),
+        row = {"replacement": replacement, "steps": steps_done, "params": surgery.count_parameters(student),
                "embedding_cosine": cosine, "retrieval_top1": agreement["top1"],
                "retrieval_top5": agreement["top5"], "seconds": round(seconds, 1)}
         rows.append(row)
         log(f"{replacement}: cosine {cosine:.4f}, top-1 {agreement['top1']:.1f}%, top-5 {agreement['top5']:.1f}%")
     report = {"recipe": "minilm",
-              "columns": ["replacement", "params", "embedding_cosine", "retrieval_top1", "retrieval_top5", "seconds"],
+              "columns": ["replacement", "steps", "params", "embedding_cosine", "retrieval_top1", "retrieval_top5", "seconds"],
               "rows": rows, "config": asdict(config),
               "notes": [f"{len(texts)} held-out sentences of {config.data} (topics never trained on)",
                         "retrieval: top1 = student's nearest neighbour equals the teacher's; top5 = the "

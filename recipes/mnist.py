@@ -241,12 +241,12 @@ class MnistConfig:
     replacements: str = "mhlstm,gru,conv"
     teacher_epochs: int = 30
     batch_size: int = 64
-    stage1_epochs: float = 6.0
+    stage1_epochs: float = 5.0
     stage1_lr: float = 2e-3
-    stage2_epochs: float = 6.0
+    stage2_epochs: float = 5.0
     stage2_lr: float = 5e-4
     prune_ratio: float = 0.0
-    recovery_epochs: float = 4.0
+    recovery_epochs: float = 3.0
     recovery_lr: float = 3e-4
     mode: str = "e2e"
     shift_pixels: int = 2
