@@ -500,13 +500,52 @@ class FastTokenConvolution(nn.Module):
         return self.out(y.transpose(1, 2))
 
 
-def optimize(model: nn.Module, *, use_kernel: bool | None = None, fold_projection: bool = True) -> nn.Module:
+def _pad_hidden_linears(model: nn.Module, multiple: int = 8) -> int:
+    """Pad pruned MLP hidden widths (``fc1`` -> activation -> ``fc2``, timm's ``Mlp``) to a multiple
+    of ``multiple`` with zero rows in fc1 and zero columns in fc2; returns how many were padded.
+
+    Exact: whatever the activation makes of the padded channels, fc2 multiplies it by zero. Odd
+    widths left by pruning are slow in MKL: fc1 192 -> 379 took 0.53 ms against 0.35 ms for
+    192 -> 384 (197 tokens, 1 thread); on a whole pruned DeiT-T the gain was within noise.
+    """
+    padded = 0
+    for module in model.modules():
+        fc1, fc2 = getattr(module, "fc1", None), getattr(module, "fc2", None)
+        if type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:
+            continue
+        norm = getattr(module, "norm", None)
+        if norm is not None and not isinstance(norm, nn.Identity):
+            continue  # a norm over the hidden channels would see the padding
+        width = fc1.out_features
+        if fc2.in_features != width or width % multiple == 0:
+            continue
+        extra = multiple - width % multiple
+        with torch.no_grad():
+            grown1 = nn.Linear(fc1.in_features, width + extra, bias=fc1.bias is not None).to(fc1.weight)
+            grown1.weight.zero_()
+            grown1.weight[:width] = fc1.weight
+            if fc1.bias is not None:
+                grown1.bias.zero_()
+                grown1.bias[:width] = fc1.bias
+            grown2 = nn.Linear(width + extra, fc2.out_features, bias=fc2.bias is not None).to(fc2.weight)
+            grown2.weight.zero_()
+            grown2.weight[:, :width] = fc2.weight
+            if fc2.bias is not None:
+                grown2.bias.copy_(fc2.bias)
+        module.fc1, module.fc2 = grown1.requires_grad_(False), grown2.requires_grad_(False)
+        padded += 1
+    return padded
+
+
+def optimize(model: nn.Module, *, use_kernel: bool | None = None, fold_projection: bool = True,
+             pad_mlp: bool = False) -> nn.Module:
     """Swap every ``mhlstm``/``gru``/``conv`` mixer in ``model`` (in place) for its fast inference form.
 
     Recurrent mixers get ``FastMultiHeadRecurrent`` (CPU float32 only: on GPUs the cuDNN recurrences
     are already fused), conv mixers ``FastTokenConvolution``. With ``fold_projection`` the site's
     reused output projection (a Linear) is multiplied into the mixer's last layer and the wrapper's
-    projection becomes an identity: one GEMM less per block. Convert after training, pruning and
+    projection becomes an identity: one GEMM less per block. With ``pad_mlp`` MLP widths left odd
+    by pruning are zero-padded to a multiple of 8 (faster GEMMs, same outputs). Convert after training, pruning and
     loading: the fast forms have no gradients and save under other keys.
 
     Args:
@@ -514,6 +553,7 @@ def optimize(model: nn.Module, *, use_kernel: bool | None = None, fold_projectio
         use_kernel: force the native kernel (True) or the PyTorch loop (False); None = kernel if
             it compiles.
         fold_projection: fold the reused output projection into the mixer.
+        pad_mlp: pad MLP hidden widths left odd by pruning to a multiple of 8 (exact zeros).
 
     Returns:
         The same model object.
@@ -555,4 +595,6 @@ def optimize(model: nn.Module, *, use_kernel: bool | None = None, fold_projectio
         if name and isinstance(module, (MultiHeadRecurrent, TokenConvolution)) and convertible(module):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, build(module, None))
+    if pad_mlp:
+        _pad_hidden_linears(model)
     return model

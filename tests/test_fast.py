@@ -164,3 +164,20 @@ def test_kernel_status_reports():
     status = fast.kernel_status()
     assert set(status) == {"available", "error"}
     assert status["available"] or status["error"]
+
+
+def test_optimize_pads_pruned_mlp_widths_exactly():
+    model, inputs = build("timm_vit")
+    surgery.replace_attention(model, "mhlstm", inputs)
+    surgery.prune(model, inputs, ratio=0.3, measure_flops=False)
+    surgery.finalize(model)
+    for block in model.blocks:  # an odd width, as global pruning leaves them
+        mlp = block.mlp
+        keep = mlp.fc1.out_features - 3
+        mlp.fc1 = nn.Linear(mlp.fc1.in_features, keep)
+        mlp.fc2 = nn.Linear(keep, mlp.fc2.out_features)
+    model.eval()
+    optimized = fast.optimize(copy.deepcopy(model), use_kernel=False, pad_mlp=True)
+    assert all(block.mlp.fc1.out_features % 8 == 0 for block in optimized.blocks)
+    with torch.inference_mode():
+        torch.testing.assert_close(run(optimized, inputs), run(model, inputs), atol=1e-5, rtol=1e-5)
