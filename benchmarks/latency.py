@@ -9,8 +9,9 @@ does not depend on the weights) and all of them are timed together by
 eval mode under inference_mode, fixed intra-op threads. Ratios are variant / attention from the same
 run, so they hold on a busy machine even when the absolute milliseconds drift.
 
-Variants: the replacement's training form ("naive", at 224 px only: it is slow), its fast inference
-form (``surgery.fast.optimize``; mhlstm and gru), conv, and mhlstm pruned with ``surgery.prune``
+Variants: the replacement's training form (at 224 px only for mhlstm/gru: it is slow), its fast
+inference form (``surgery.fast.optimize``: native recurrence kernel, reused out-projection folded
+in; conv with in-kernel padding), and mhlstm pruned with ``surgery.prune``
 at ``--prune-ratio`` (magnitude importance on random weights, global over recurrent hidden units and
 MLP channels) then optimised.
 """
@@ -43,10 +44,7 @@ def variants(name: str, size: int, prune_ratio: float, naive: bool) -> dict[str,
         replaced = copy.deepcopy(original)
         surgery.replace_attention(replaced, replacement, x)
         surgery.finalize(replaced)
-        if replacement == "conv":
-            out["conv"] = (replaced, replaced)
-            continue
-        if naive:
+        if naive or replacement == "conv":
             out[f"{replacement} (training form)"] = (replaced, replaced)
         out[f"{replacement} (fast)"] = (optimize(copy.deepcopy(replaced)), replaced)
     if prune_ratio:
@@ -69,6 +67,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
     status = kernel_status()
+    meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
+            "cpu": platform.processor() or platform.machine(), "kernel": status}
     rows = []
     for alias in args.models:
         for size in args.sizes:
@@ -88,8 +88,10 @@ def main() -> None:
                     "ratio": round(timing[label]["median_ms"] / base, 2),
                 })
             print(f"# {alias} {size}px done in {time.time() - started:.0f} s", flush=True)
-    meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
-            "cpu": platform.processor() or platform.machine(), "kernel": status}
+            for r in rows[-len(built):]:
+                print(f"#   {r['variant']}: {r['median_ms']} ms, {r['ratio']}x", flush=True)
+            if args.json:  # after every configuration, so a long run that is stopped keeps its rows
+                _write(args.json, meta, rows)
     print(f"torch {meta['torch']}, {args.threads} threads, batch 1, {args.repeats} interleaved repeats, "
           f"native kernel: {status['available']}")
     print("| model | px | tokens | variant | params | GMACs | median ms (p25-p75) | vs attention |")
@@ -97,9 +99,11 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['size']} | {r['tokens']} | {r['variant']} | {r['params'] / 1e6:.2f}M "
               f"| {r['gmacs']} | {r['median_ms']} ({r['p25_ms']}-{r['p75_ms']}) | {r['ratio']}x |")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"meta": meta, "rows": rows}, handle, indent=2)
+
+
+def _write(path: str, meta: dict, rows: list[dict]) -> None:
+    with open(path, "w") as handle:
+        json.dump({"meta": meta, "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":
