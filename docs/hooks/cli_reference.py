@@ -52,6 +52,8 @@ def _param_rows(command: Any, context: Any) -> tuple[list[str], list[str]]:
             default = "**required**"
         elif param.default is None or param.default == ():
             default = ""
+        elif param.default == "":
+            default = '`""`'
         else:
             default = _code(param.default)
         if getattr(param, "multiple", False) and "repeatable" not in help_text:
