@@ -56,3 +56,14 @@ def test_nav_pages_exist():
     nav = (ROOT / "mkdocs.yml").read_text().split("\nnav:", 1)[1]
     for page in re.findall(r":\s*([\w/.-]+\.md)\s*$", nav, flags=re.M):
         assert page == "reference/cli.md" or (ROOT / "docs" / page).is_file(), page
+
+
+def test_every_page_is_in_the_nav():
+    """A page missing from the nav builds but cannot be reached from the menu."""
+    import re
+
+    nav = (ROOT / "mkdocs.yml").read_text().split("\nnav:", 1)[1]
+    listed = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", nav, flags=re.M))
+    pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")
+             if "hooks" not in p.parts}
+    assert not pages - listed, f"add these pages to the nav in mkdocs.yml: {sorted(pages - listed)}"
