@@ -207,3 +207,22 @@ def test_config_knows_every_setting():
     with pytest.raises(surgery.SurgeryError, match="unknown distill setting"):
         surgery.distill(None, replaced("timm_vit"), vit_data(), steps=2, learning_rate=1)
     assert DistillConfig(mode="e2e").key() != DistillConfig().key()
+
+
+def test_teacher_cache_gives_the_same_result_and_skips_the_teacher(tmp_path):
+    from surgery.distill.cache import TeacherCache
+
+    plain = replaced("hf_bert")
+    initial = {k: v.clone() for k, v in plain.state_dict().items()}
+    expected = surgery.distill(None, plain, bert_data(batches=3), steps=9, lr=3e-3)
+    cached = replaced("hf_bert")
+    cached.load_state_dict(initial)
+    got = surgery.distill(None, cached, bert_data(batches=3), steps=9, lr=3e-3, cache=str(tmp_path / "cache"),
+                          cache_megabytes=0.001)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(cached.state_dict()[key], value, rtol=0, atol=1e-6)
+    assert got.sites[0].relative_mse_after == pytest.approx(expected.sites[0].relative_mse_after, rel=1e-5)
+    cache = TeacherCache(tmp_path / "cache" / "rank0", writer=False)
+    assert len(cache.index) == 3 and len(list((tmp_path / "cache" / "rank0").glob("shard_*.safetensors"))) >= 3
+    with pytest.raises(surgery.SurgeryError, match="blockwise"):
+        surgery.distill(None, cached, bert_data(), mode="e2e", steps=2, cache=str(tmp_path / "c2"))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.data import Batches, data_from_spec, padding_mask_of, split_batch, to_device
+from surgery.distill.cache import TeacherCache, batch_digest
 from surgery.distill.capture import StudentCapture, TeacherCapture
 from surgery.distill.fastpath import fast_mixers, site_forward
 from surgery.distill.distributed import World, all_mean, average_gradients, barrier, init_from_env, shutdown
@@ -80,11 +81,14 @@ class DistillConfig:
     fast: bool = True
     init: str = "none"
     init_batches: int = 4
+    cache: str | None = None
+    cache_megabytes: float = 256
 
     def key(self) -> str:
         """A digest of the settings that change the result (resume refuses a different one)."""
         values = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("checkpoint_every", "log_every", "max_seconds", "eval_batches", "eval_data", "fast")}
+                  if k not in ("checkpoint_every", "log_every", "max_seconds", "eval_batches", "eval_data", "fast",
+                               "cache", "cache_megabytes")}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -496,6 +500,16 @@ class _Trainer:
             })
             last_saved = step_done
 
+        cache = None
+        if config.cache:
+            if config.mode != "blockwise":
+                raise SurgeryError("the teacher cache serves mode='blockwise' only (e2e needs the teacher's "
+                                   "outputs on the student's own path)")
+            directory = (run.path / "teacher_cache") if config.cache == "run" and run is not None else config.cache
+            if directory == "run":
+                raise SurgeryError("cache='run' needs run_dir")
+            cache = TeacherCache(Path(directory) / f"rank{world.rank}", config.cache_megabytes)
+        self.cache = cache
         with capture, _SignalGuard() as guard:
             position = (epoch, consumed)
             while step < config.steps:
@@ -507,7 +521,16 @@ class _Trainer:
                     batch = to_device(batch, self.device)
                     position = (epoch_, consumed_)
                 args, kwargs, labels = split_batch(batch, config.labelled)
-                teacher_out = capture.run(lambda: self._teacher_forward(args, kwargs))
+                cached = None
+                if cache is not None and scales is not None:
+                    key = batch_digest(args, kwargs)
+                    cached = cache.get(key, self.device)
+                if cached is not None:
+                    capture.records, teacher_out = cached, None
+                else:
+                    teacher_out = capture.run(lambda: self._teacher_forward(args, kwargs))
+                    if cache is not None:
+                        cache.put(batch_digest(args, kwargs), capture.records)
                 if scales is None:
                     scales, hidden_scale = self._measure_scales(capture, teacher_out, kwargs)
                 site_losses, task = self._losses(capture, teacher_out, args, kwargs, labels, scales, hidden_scale)
@@ -550,6 +573,8 @@ class _Trainer:
                     self.progress.message(f"max_seconds reached at step {step}")
                     break
         self.progress.finish()
+        if cache is not None:
+            cache.flush()
         seconds = time.monotonic() - started
         after = self._evaluate()
         result = DistillResult(
