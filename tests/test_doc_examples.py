@@ -205,6 +205,11 @@ def test_page_examples_run(path, tmp_path, monkeypatch):
     assert runnable, f"{path.name} has no runnable block"
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # modules a page writes (my_model.py) import
+    from surgery import registry
+
+    # replacements a page registers (window_mean) must not leak into later tests
+    registry._load_builtins()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     torch.manual_seed(0)
     # a real module, so dataclasses and pickling can find the classes a page defines
     module = types.ModuleType("docs_page_" + re.sub(r"\W", "_", path.stem))
