@@ -83,6 +83,7 @@ class DistillConfig:
     init_batches: int = 4
     cache: str | None = None
     cache_megabytes: float = 256
+    other_lr_scale: float = 1.0
 
     def key(self) -> str:
         """A digest of the settings that change the result (resume refuses a different one)."""
@@ -428,7 +429,13 @@ class _Trainer:
 
     def _loop(self, named, params) -> DistillResult:
         config, world, run = self.config, self.world, self.rundir
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        mixer_ids = {id(p) for w in self.wrappers.values() for p in w.mixer.parameters()}
+        groups = [{"params": [p for p in params if id(p) in mixer_ids], "lr": config.lr}]
+        others = [p for p in params if id(p) not in mixer_ids]
+        if others:
+            # with train="all", the pretrained weights usually want a gentler rate than the new mixers
+            groups.append({"params": others, "lr": config.lr * config.other_lr_scale})
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
         checkpoint = run.load_checkpoint() if (run is not None and self.resume) else None
         stage = config.key()
