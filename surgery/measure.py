@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from surgery.errors import SurgeryError
 from surgery.inputs import as_args_kwargs
 from surgery.swap import count_parameters
 
@@ -162,6 +163,11 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
         >>> count_flops(nn.LSTM(8, 16, batch_first=True), torch.randn(1, 10, 8))
         15360
     """
+    fast = [name for name, m in model.named_modules() if type(m).__name__ == "FastMultiHeadRecurrent"]
+    if fast:
+        # the tracer cannot see into the native kernel: its work would silently count as zero
+        raise SurgeryError(f"{fast[0]!r} is the fast inference form, whose recurrence the FLOP "
+                           "counter cannot see; count FLOPs on the model before surgery.fast.optimize")
     with torch.no_grad(), _eval(model):
         return int(flop_analysis(model, example_inputs).total())
 
@@ -395,7 +401,8 @@ def compare(original: nn.Module, candidate: nn.Module, example_inputs: Any, *, r
         candidate: the replaced (and maybe pruned) model.
         example_inputs: inputs both accept.
         repeats, warmup, threads: as in ``measure_latencies``.
-        flops: count FLOPs (one JIT trace per model; off for speed).
+        flops: count FLOPs (one JIT trace per model; off for speed, and for a candidate in the
+            fast form of ``surgery.fast``, whose native kernel no tracer sees into).
         memory: measure peak activation memory (one profiled call per model).
 
     Returns:

@@ -138,3 +138,14 @@ def test_compare_rows_and_ratios():
 
 def test_count_parameters_is_the_core_function():
     assert measure.count_parameters is surgery.count_parameters
+
+
+def test_flops_of_the_fast_form_are_refused():
+    from surgery.errors import SurgeryError
+    from surgery.fast import optimize
+
+    model, inputs = build("timm_vit")
+    surgery.replace_attention(model, "mhlstm", inputs)
+    optimize(surgery.finalize(model), use_kernel=False)
+    with pytest.raises(SurgeryError, match="fast inference form"):
+        measure.count_flops(model, inputs)
