@@ -216,7 +216,7 @@ def _load_kernel() -> Any:
 
             # -ffast-math only when compiling (it lets GCC call libmvec's vector expf/tanhf); the
             # link line never sees it, so crtfastmath's flush-to-zero is not set for the process
-            _kernel = load_inline(name=_KERNEL_NAME, cpp_sources=[_KERNEL_SOURCE],
+            _kernel = load_inline(name=f"{_KERNEL_NAME}_{_cpu_fingerprint()}", cpp_sources=[_KERNEL_SOURCE],
                                   extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as error:  # no compiler, no headers, ...: the PyTorch loop still works
@@ -225,6 +225,21 @@ def _load_kernel() -> Any:
         finally:
             cpp_logger.setLevel(level)
         return _kernel
+
+
+def _cpu_fingerprint() -> str:
+    """Short hash of the CPU model and its instruction-set flags and of torch's version: the kernel
+    is built with -march=native, so a build cache shared by different CPUs must not mix builds."""
+    import hashlib
+    import platform
+
+    identity = [platform.machine(), torch.__version__]
+    try:
+        with open("/proc/cpuinfo") as handle:
+            identity += sorted({line for line in handle if line.startswith(("model name", "flags"))})
+    except OSError:
+        identity.append(platform.processor())
+    return hashlib.sha256("".join(identity).encode()).hexdigest()[:10]
 
 
 def kernel_status() -> dict[str, Any]:
