@@ -226,3 +226,21 @@ def test_teacher_cache_gives_the_same_result_and_skips_the_teacher(tmp_path):
     assert len(cache.index) == 3 and len(list((tmp_path / "cache" / "rank0").glob("shard_*.safetensors"))) >= 3
     with pytest.raises(surgery.SurgeryError, match="blockwise"):
         surgery.distill(None, cached, bert_data(), mode="e2e", steps=2, cache=str(tmp_path / "c2"))
+
+
+def test_fast_path_falls_back_without_recursing_on_pruned_mixers():
+    """Pruned heads with unequal state sizes leave the batched path; the fallback must not loop."""
+    from surgery.distill.fastpath import fast_mixers
+
+    model, inputs = build("timm_vit")
+    surgery.replace_attention(model, "mhlstm", inputs)
+    wrapper = next(replaced_sites(model))
+    reference = wrapper.mixer(torch.randn(2, 17, 32))
+    head = wrapper.mixer.heads[0]
+    smaller = torch.nn.LSTM(head.rnn.input_size, head.rnn.hidden_size - 2, batch_first=True, bidirectional=True)
+    head.rnn, head.out = smaller, torch.nn.Linear(2 * smaller.hidden_size, head.out.out_features)
+    x = torch.randn(2, 17, 32)
+    expected = type(wrapper.mixer).forward(wrapper.mixer, x, None)
+    with fast_mixers(model):
+        torch.testing.assert_close(wrapper.mixer(x, None), expected)
+    assert reference.shape == expected.shape

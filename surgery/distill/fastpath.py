@@ -23,6 +23,12 @@ def supports(mixer: nn.Module) -> bool:
                and h.rnn.batch_first and h.rnn.bias for h in heads)
 
 
+def _own_forward(mixer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # the class's forward, never an instance-level override: ``fast_mixers`` points the instance's
+    # forward back at ``batched_forward``, so calling ``mixer(x)`` here would recurse forever
+    return type(mixer).forward(mixer, x, mask)
+
+
 def _right_padded(mask: torch.Tensor) -> bool:
     lengths = mask.sum(1, keepdim=True)
     positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
@@ -43,13 +49,13 @@ def batched_forward(mixers: list[nn.Module], inputs: list[torch.Tensor], mask: t
     if mask is not None and bool(mask.all()):
         mask = None
     if mask is not None and not _right_padded(mask):
-        return [m(x, mask) for m, x in zip(mixers, inputs)]
+        return [_own_forward(m, x, mask) for m, x in zip(mixers, inputs)]
     bidirectional = {bool(m.bidirectional) for m in mixers}
     # pruned mixers may keep different state sizes per head: one recurrence needs one size
     sizes = {(h.rnn.hidden_size, h.rnn.input_size) for m in mixers for h in m.heads}
     if len(bidirectional) != 1 or len({m.shape.head_dim for m in mixers}) != 1 or len(sizes) != 1 \
             or any(h.rnn.input_size != m.shape.head_dim for m in mixers for h in m.heads):
-        return [m(x, mask) for m, x in zip(mixers, inputs)]
+        return [_own_forward(m, x, mask) for m, x in zip(mixers, inputs)]
     both = bidirectional.pop()
     hidden = mixers[0].heads[0].rnn.hidden_size
     head_dim = mixers[0].heads[0].rnn.input_size
