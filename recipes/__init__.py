@@ -109,6 +109,23 @@ def get_recipe(name: str) -> Recipe:
     return _RECIPES[name]
 
 
+def replacement_names(value: str) -> list[str]:
+    """A comma-separated list of registered replacement names, checked (one-line error otherwise).
+
+    Example:
+        >>> replacement_names("mhlstm, conv")
+        ['mhlstm', 'conv']
+    """
+    from surgery.registry import list_replacements
+
+    names = [r.strip() for r in value.split(",") if r.strip()]
+    known = list_replacements()
+    bad = [r for r in names if r not in known]
+    if bad or not names:
+        raise SurgeryError(f"unknown replacement(s) {bad or value!r}; known: {', '.join(known)}")
+    return names
+
+
 def make_config(config_class: type, settings: dict[str, Any], recipe: str = "") -> Any:
     """Instantiate ``config_class`` from ``settings``, checking names and coercing simple types.
 

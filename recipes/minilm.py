@@ -67,16 +67,13 @@ class MinilmConfig:
 
     @property
     def replacement_list(self) -> list[str]:
-        return [r.strip() for r in self.replacements.split(",") if r.strip()]
+        from recipes import replacement_names
+
+        return replacement_names(self.replacements)
 
     def check(self) -> None:
         """Every check that can fail before work starts (one-line errors)."""
-        from surgery.registry import list_replacements
-
-        known = list_replacements()
-        bad = [r for r in self.replacement_list if r not in known]
-        if bad or not self.replacement_list:
-            raise SurgeryError(f"unknown replacement(s) {bad or self.replacements!r}; known: {', '.join(known)}")
+        self.replacement_list  # noqa: B018 - checks the names (one-line error)
         kind, _, rest = self.data.partition(":")
         if kind != "text" or not rest:
             raise DataError(f"data {self.data!r} must be text:builtin or text:PATH")

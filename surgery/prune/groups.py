@@ -139,7 +139,7 @@ class ReplacementPruner(BasePruningFunc):
 
     def unit_bundles(self, layer: nn.Module, name: str) -> list[Bundle]:
         """The bundles of internal units of ``layer`` (called ``name`` in the model)."""
-        raise NotImplementedError
+        raise NotImplementedError  # abstract
 
 
 def _cut_linear(linear: nn.Linear, idxs: Sequence[int], dim: int) -> None:
