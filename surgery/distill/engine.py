@@ -20,6 +20,7 @@ runs equal to one process).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -30,13 +31,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from surgery.data import Batches, data_from_spec, padding_mask_of, split_batch, to_device
+from surgery.distill import augment
 from surgery.distill.cache import TeacherCache, batch_digest
 from surgery.distill.capture import StudentCapture, TeacherCapture
 from surgery.distill.fastpath import fast_mixers, site_forward
@@ -84,13 +86,29 @@ class DistillConfig:
     cache: str | None = None
     cache_megabytes: float = 256
     other_lr_scale: float = 1.0
+    train_mode: bool = False
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
 
     def key(self) -> str:
         """A digest of the settings that change the result (resume refuses a different one)."""
         values = {k: v for k, v in dataclasses.asdict(self).items()
                   if k not in ("checkpoint_every", "log_every", "max_seconds", "eval_batches", "eval_data", "fast",
-                               "cache", "cache_megabytes")}
+                               "cache", "cache_megabytes")
+                  and not (k in _REGULARISERS and v == _REGULARISERS[k])}
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# settings added after run directories existed: left out of the key at their defaults, so a run
+# started before they were added still resumes
+_REGULARISERS = {f.name: f.default for f in dataclasses.fields(DistillConfig)
+                 if f.name in ("train_mode", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
+                               "label_smoothing", "ema_decay", "ema_warmup")}
 
 
 @dataclass
@@ -191,7 +209,7 @@ def _task_loss(student_out: Any, teacher_out: Any, labels: torch.Tensor | None, 
     student_main, teacher_main = main_output(student_out), main_output(teacher_out)
     kind = output_kind(teacher_main)
     if labels is not None and kind == "classifier":
-        return F.cross_entropy(student_main.float(), labels)
+        return augment.classification_loss(student_main.float(), labels, config.label_smoothing)
     if kind == "classifier":
         t = config.temperature
         return F.kl_div(F.log_softmax(student_main.float() / t, -1), F.log_softmax(teacher_main.float() / t, -1),
@@ -266,6 +284,7 @@ def distill(
     seed: int = 0,
     eval_data: Iterable | str | None = None,
     device: torch.device | str | None = None,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     **settings: Any,
 ) -> DistillResult:
     """Distill the replacements in ``student`` against the attention they replaced.
@@ -289,6 +308,11 @@ def distill(
         eval_data: held-out batches for the fidelity reports (default: the held-out split of a spec,
             else the first ``eval_batches`` batches of ``data``, marked ``held_out=False``).
         device: where to train (default: the student's device).
+        batch_transform: ``(images, labels) -> (images, soft labels [B, C])`` applied to every labelled
+            image batch before the step (e.g. your own ``timm.data.Mixup``), under numpy / Python /
+            torch generators seeded from (seed, step, process) so resume stays exact. It is not part of
+            the settings a resume compares: resume with the same one. For timm's Mixup with DeiT's
+            defaults use the ``mixup`` / ``cutmix`` settings instead.
         **settings: further ``DistillConfig`` fields: weight_decay, warmup (fraction of steps),
             min_lr, grad_clip, cosine_weight, site_weight, task_weight, temperature,
             train ("replacements" | "all"), seq_len, eval_batches, checkpoint_every, log_every,
@@ -296,6 +320,12 @@ def distill(
             LSTMs from the originals' value projections and a least-squares fit, see
             ``surgery.distill.init``), init_batches, fast (batched multi-head LSTM
             recurrence, same results; see ``surgery.distill.fastpath``).
+            Regularisers (all off by default; see ``surgery.distill.augment``): train_mode (the student
+            trains in train mode, so drop-path / dropout act; the teacher always runs in eval mode),
+            mixup and cutmix (``timm.data.Mixup`` alphas, with mixup_prob, mixup_switch_prob; needs
+            labelled image batches of even size), label_smoothing (cross-entropy, and Mixup's targets),
+            ema_decay (keep a ``timm.utils.ModelEmaV3`` of the weights, saved in the checkpoint; the
+            final evaluation and saved model use it) and ema_warmup (timm's EMA decay warm-up).
 
     Returns:
         ``DistillResult`` with per-site before/after numbers and the end-to-end ``fidelity`` report.
@@ -316,6 +346,8 @@ def distill(
         raise SurgeryError(f"mode must be one of {MODES}, not {mode!r}")
     if steps < 1:
         raise SurgeryError(f"steps must be at least 1, not {steps}")
+    if batch_transform is not None and (settings.get("mixup") or settings.get("cutmix")):
+        raise SurgeryError("give either batch_transform or the mixup/cutmix settings, not both")
     config = DistillConfig(mode=mode, steps=steps, lr=lr, seed=seed, batch_size=batch_size, **settings)
     if isinstance(data, str):
         config.data = data
@@ -325,15 +357,16 @@ def distill(
     world = init_from_env(device)
     try:
         return _Trainer(teacher, student, data, eval_data, config, device, world, run_dir, resume,
-                        progress or NullProgress()).run()
+                        progress or NullProgress(), batch_transform).run()
     finally:
         shutdown(world)
 
 
 class _Trainer:
     def __init__(self, teacher, student, data, eval_data, config: DistillConfig, device, world: World,
-                 run_dir, resume: bool, progress: Progress) -> None:
+                 run_dir, resume: bool, progress: Progress, batch_transform=None) -> None:
         self.teacher, self.student, self.config, self.device, self.world = teacher, student, config, device, world
+        self.batch_transform, self.classes = batch_transform, None
         self.progress = progress
         self.rundir = None if run_dir is None else RunDirectory(run_dir, writer=world.main)
         self.resume = resume
@@ -375,9 +408,19 @@ class _Trainer:
         except Exception as error:  # noqa: BLE001 - any failure here means the data does not fit
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             raise DataError(f"the data does not fit {type(self.student).__name__}: {first}") from None
-        if labels is not None and output_kind(output) == "classifier" and int(labels.max()) >= output.shape[-1]:
+        if output_kind(output) == "classifier":
+            self.classes = output.shape[-1]
+        if labels is not None and labels.is_floating_point():
+            if output_kind(output) != "classifier" or labels.shape != output.shape:
+                raise DataError(f"soft labels of shape {tuple(labels.shape)} do not fit the model's output "
+                                f"{tuple(output.shape)}; give one probability row per sample and class")
+        elif labels is not None and output_kind(output) == "classifier" and int(labels.max()) >= output.shape[-1]:
             raise DataError(f"labels reach {int(labels.max())} but the model has {output.shape[-1]} "
                             "classes; give labels of this model's classes")
+        if self.batch_transform is not None or self.config.mixup or self.config.cutmix:
+            augment.check_transformable(args, kwargs, labels, even=self.batch_transform is None)
+            if self.classes is None:
+                raise DataError("mixup/cutmix needs a classifier (the model's output is not [B, classes])")
 
     def _teacher_forward(self, args, kwargs):
         if self.teacher is not None:
@@ -386,7 +429,9 @@ class _Trainer:
         for w in self.wrappers.values():
             w.use_original = True
         try:
-            return call_model(self.student, args, kwargs)
+            # with train_mode the student trains in train mode; as the teacher it runs in eval mode
+            with augment.evaluation_mode(self.student) if self.student.training else contextlib.nullcontext():
+                return call_model(self.student, args, kwargs)
         finally:
             for n, w in self.wrappers.items():
                 w.use_original = previous[n]
@@ -424,6 +469,7 @@ class _Trainer:
         try:
             return self._loop(named, params)
         finally:
+            student.eval()  # train_mode ends (or is interrupted) with the student back in eval mode
             for p in student.parameters():
                 p.requires_grad_(flags.get(id(p), True))
 
@@ -455,6 +501,8 @@ class _Trainer:
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             torch.set_rng_state(checkpoint["rng"])
+            if "cuda_rng" in checkpoint and self.device.type == "cuda":
+                torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
             step, epoch, consumed = checkpoint["step"], checkpoint["epoch"], checkpoint["consumed"]
             scales, hidden_scale = checkpoint["scales"], checkpoint["hidden_scale"]
             before = FidelityReport(**json.loads(checkpoint["before"]))
@@ -486,6 +534,14 @@ class _Trainer:
                     run.append_metrics({"stage": stage, "mode": config.mode, "step": 0, "init": chosen})
             elif config.init != "none":
                 raise SurgeryError(f"init must be 'none' or 'teacher', not {config.init!r}")
+        # the EMA copies the student after any initialisation and before the capture hooks exist
+        ema = augment.build_ema(self.student, config.ema_decay, config.ema_warmup) if config.ema_decay else None
+        if ema is not None and checkpoint is not None:
+            augment.load_entries(ema.module, checkpoint["ema"])
+        mix = self.batch_transform
+        if mix is None and (config.mixup or config.cutmix) and step < config.steps:
+            mix = augment.build_mixup(config.mixup, config.cutmix, config.mixup_prob, config.mixup_switch_prob,
+                                      config.label_smoothing, self.classes)
         capture = TeacherCapture(self.student, self.teacher)
         self.progress.start(config.steps, f"distill ({config.mode})", completed=step)
         if resumed_from:
@@ -504,6 +560,8 @@ class _Trainer:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "scales": scales, "hidden_scale": hidden_scale,
                 "before": json.dumps(before.to_dict()),
+                **({"ema": augment.ema_entries(ema, [n for n, _ in named])} if ema is not None else {}),
+                **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             })
             last_saved = step_done
 
@@ -517,6 +575,8 @@ class _Trainer:
                 raise SurgeryError("cache='run' needs run_dir")
             cache = TeacherCache(Path(directory) / f"rank{world.rank}", config.cache_megabytes)
         self.cache = cache
+        if config.train_mode:
+            self.student.train()  # drop-path / dropout act; _teacher_forward keeps the teacher in eval mode
         with capture, _SignalGuard() as guard:
             position = (epoch, consumed)
             while step < config.steps:
@@ -528,6 +588,10 @@ class _Trainer:
                     batch = to_device(batch, self.device)
                     position = (epoch_, consumed_)
                 args, kwargs, labels = split_batch(batch, config.labelled)
+                if mix is not None:
+                    images, labels = augment.transform_batch(mix, args[0], labels, seed=config.seed, step=step,
+                                                             rank=world.rank)
+                    args = (images,)
                 cached = None
                 if cache is not None and scales is not None:
                     key = batch_digest(args, kwargs)
@@ -557,6 +621,8 @@ class _Trainer:
                 optimizer.step()
                 scheduler.step()
                 step += 1
+                if ema is not None:
+                    ema.update(self.student, step=step)
                 metrics = {f"site/{n}": float(v) for n, v in zip(site_losses, values)}
                 metrics["loss"] = float(values[:-1].sum() * config.site_weight
                                         + (values[-1] * config.task_weight if task is not None else 0.0))
@@ -582,6 +648,10 @@ class _Trainer:
         self.progress.finish()
         if cache is not None:
             cache.flush()
+        self.student.eval()
+        if ema is not None:
+            # the averaged weights are the result: evaluated, saved and left in the student
+            augment.load_entries(self.student, augment.ema_entries(ema, [n for n, _ in named]))
         seconds = time.monotonic() - started
         after = self._evaluate()
         result = DistillResult(

@@ -189,6 +189,8 @@ def evaluate_fidelity(teacher: nn.Module | None, student: nn.Module, data: Itera
                                                    F.log_softmax(teacher_out.float(), -1),
                                                    log_target=True, reduction="sum"))
                     if labels is not None:
+                        if labels.is_floating_point():
+                            labels = labels.argmax(-1)  # soft labels [B, C]: accuracy against the top class
                         totals["labelled"] += size
                         totals["s_correct"] += int((student_out.argmax(-1) == labels).sum())
                         totals["t_correct"] += int((teacher_out.argmax(-1) == labels).sum())
