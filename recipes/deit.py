@@ -13,9 +13,14 @@ interruption and a finished stage is reloaded instead of rerun):
 
 Data: an ImageNet-style folder (``train/<class>/*.jpg`` and ``val/<class>/*.jpg``) read with
 ``timm.data.ImageDataset`` and DeiT's training transform from ``timm.data.create_transform``
-(RandAugment m9, random erasing 0.25, bicubic random-resized crops). Deviations from the reference,
-forced by ``surgery.distill`` taking hard labels and training in eval mode: no Mixup/CutMix, no EMA,
-no drop-path during distillation. They are listed in every report.
+(RandAugment m9, random erasing 0.25, bicubic random-resized crops).
+
+DeiT's regularisers, all timm's own implementations through ``surgery.distill`` settings, in stage 2
+and recovery (and in stage 1 with ``regularise_stage1``): Mixup 0.8 / CutMix 1.0 (``timm.data.Mixup``,
+switch probability 0.5) with label smoothing 0.1 and soft-target cross-entropy, drop-path 0.1 (timm's
+linear stochastic-depth rule; the student trains in train mode, the teacher stays in eval mode) and an
+EMA of the weights (``timm.utils.ModelEmaV3``, decay 0.99996; the stage's saved model is the EMA). The
+remaining deviations from the reference are listed in every report (``deit_deviations``).
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ from torch import nn
 from surgery.errors import DataError, ManifestError, SurgeryError, WeightsUnavailableError
 
 REFERENCE_BATCH = 512
-DEVIATIONS = ("no Mixup/CutMix (surgery.distill's task loss takes hard labels)",
-              "no EMA, no drop-path while distilling (surgery.distill trains in eval mode)")
+# run_far with an empty StagePlan.stage1_settings / finetune_settings (the MNIST recipe): none of DeiT's
+# regularisers; the DeiT recipe turns them on and reports its own list (deit_deviations)
+DEVIATIONS = ("no Mixup/CutMix or label smoothing (StagePlan.finetune_settings does not turn on "
+              "surgery.distill's mixup/cutmix/label_smoothing)",
+              "no EMA, no drop-path (surgery.distill's ema_decay / train_mode are off)")
 
 
 # --------------------------------------------------------------------------------- the stages
@@ -56,6 +64,10 @@ class StagePlan:
         weight_decay: AdamW weight decay.
         seed: seed of data order and initialisation.
         eval_batches: batches the engine's fidelity reports read.
+        stage1_settings: further ``surgery.distill`` settings of stage 1 (e.g. ``{"mixup": 0.8}``).
+        finetune_settings: further ``surgery.distill`` settings of stage 2 and recovery (the full
+            fine-tuning stages), e.g. DeiT's ``{"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1,
+            "train_mode": True, "ema_decay": 0.99996}``. Empty (the default): none of them.
     """
 
     replacement: str = "mhlstm"
@@ -75,6 +87,8 @@ class StagePlan:
     weight_decay: float = 0.05
     seed: int = 0
     eval_batches: int = 8
+    stage1_settings: dict = field(default_factory=dict)
+    finetune_settings: dict = field(default_factory=dict)
 
 
 def _stage_done(path: Path) -> bool:
@@ -130,11 +144,12 @@ def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_d
         return model.to(device)
 
     def distill_stage(name: str, model: nn.Module, steps: int, lr: float, warmup: float, train: str,
-                      site_weight: float, mode: str, base: Callable[[], nn.Module]) -> nn.Module:
+                      site_weight: float, mode: str, base: Callable[[], nn.Module],
+                      settings: dict[str, Any]) -> nn.Module:
         path = out_dir / name
         wanted = {"mode": mode, "steps": steps, "lr": lr, "train": train, "site_weight": site_weight,
                   "task_weight": plan.task_weight, "warmup": warmup, "weight_decay": plan.weight_decay,
-                  "seed": plan.seed}
+                  "seed": plan.seed, **settings}
         _check_same_settings(path, wanted)
         if _stage_done(path):
             model = _load_stage(path, base).to(device)
@@ -144,21 +159,22 @@ def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_d
                    {"site_cosine": _mean([s["cosine_after"] for s in info.get("sites", [])])})
             return model
         began = time.perf_counter()
-        # surgery.distill trains in eval mode; cuDNN refuses an RNN backward in eval mode, and after
-        # pruning the engine's batched path is off (see _engine_workarounds): use the native kernels
+        # without train_mode surgery.distill trains in eval mode; cuDNN refuses an RNN backward in eval
+        # mode, and after pruning the engine's batched path is off (see _engine_workarounds): use the
+        # native kernels (with train_mode cuDNN would do, but the native kernels are kept alike)
         cudnn_off = name == "recovery" and next(model.parameters()).is_cuda
         with torch.backends.cudnn.flags(enabled=not cudnn_off):
-            result = _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight)
+            result = _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight, settings)
         record(name, model, time.perf_counter() - began, result.steps,
                {"site_cosine": _mean([s.cosine_after for s in result.sites])})
         return model
 
-    def _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight):
+    def _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight, settings):
         return surgery.distill(
             None, model, train_data, mode=mode, steps=steps, lr=lr, run_dir=path, resume=True,
             eval_data=eval_data, seed=plan.seed, progress=progress, warmup=warmup, train=train,
             site_weight=site_weight, task_weight=plan.task_weight, weight_decay=plan.weight_decay,
-            eval_batches=plan.eval_batches, labelled=True, **_engine_workarounds(name))
+            eval_batches=plan.eval_batches, labelled=True, **settings, **_engine_workarounds(name))
 
     teacher = build_teacher().to(device)
     record("teacher", teacher, 0.0, 0)
@@ -166,16 +182,16 @@ def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_d
 
     student = build_student()
     student = distill_stage("stage1", student, plan.stage1_steps, plan.stage1_lr, plan.stage1_warmup,
-                            "replacements", plan.site_weight, plan.mode, build_teacher)
+                            "replacements", plan.site_weight, plan.mode, build_teacher, plan.stage1_settings)
     if plan.stage2_steps > 0:
         # stage 2 is plain fine-tuning: cross-entropy only, every weight trains
         student = distill_stage("stage2", student, plan.stage2_steps, plan.stage2_lr, plan.stage2_warmup,
-                                "all", 0.0, "e2e", build_teacher)
+                                "all", 0.0, "e2e", build_teacher, plan.finetune_settings)
     if plan.prune_ratio > 0:
         student = _prune_stage(student, example_inputs, plan, out_dir, log, record, build_teacher).to(device)
         if plan.recovery_steps > 0:
             student = distill_stage("recovery", student, plan.recovery_steps, plan.recovery_lr, 0.0,
-                                    "all", 0.0, "e2e", build_teacher)
+                                    "all", 0.0, "e2e", build_teacher, plan.finetune_settings)
     return {"stages": stages, "model": student}
 
 
@@ -274,6 +290,13 @@ class DeitConfig:
     mode: str = "e2e"
     prune_ratio: float = 0.0
     augment: bool = True
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    drop_path: float = 0.1
+    ema_decay: float = 0.99996
+    ema_warmup: bool = False
+    regularise_stage1: bool = False
     workers: int = 4
     eval_images: Optional[int] = None
     limit_images: Optional[int] = None
@@ -301,6 +324,20 @@ class DeitConfig:
         "mode": "stage 1 objective: e2e (FAR reference, student's own activations) or blockwise (teacher-forced).",
         "prune_ratio": "global pruning ratio after stage 2 (0 = no pruning), then recovery.",
         "augment": "DeiT training augmentation (RandAugment m9, random erasing 0.25).",
+        "mixup": "Mixup alpha in stage 2 and recovery (timm.data.Mixup; DeiT/FAR: 0.8; 0 = off). Needs an "
+                 "even batch_size.",
+        "cutmix": "CutMix alpha in stage 2 and recovery (DeiT/FAR: 1.0; 0 = off); with both on, each batch "
+                  "is mixed one way or the other with probability 0.5.",
+        "label_smoothing": "label smoothing of the cross-entropy targets in stage 2 and recovery (DeiT: 0.1).",
+        "drop_path": "stochastic depth (drop-path) rate of the last block, timm's linear rule (DeiT/FAR: 0.1); "
+                     "the student trains in train mode in stage 2 and recovery so it acts.",
+        "ema_decay": "EMA of the weights in stage 2 and recovery (timm ModelEmaV3; DeiT: 0.99996, a horizon of "
+                     "25k steps; 0 = off); the stage's saved and evaluated model is the EMA. For short runs use "
+                     "0 or ema_warmup.",
+        "ema_warmup": "timm's EMA decay warm-up (decay grows from 0 towards ema_decay; not in DeiT).",
+        "regularise_stage1": "also apply mixup/cutmix/label smoothing/drop-path/EMA in stage 1 (FAR's reference "
+                             "does; off by default: stage 1 matches the teacher's blocks, and drop-path moves "
+                             "the student's block inputs away from the teacher's).",
         "workers": "DataLoader worker processes.",
         "eval_images": "validation images for the accuracy report (default: all).",
         "limit_images": "use only this many training images (smoke tests).",
@@ -326,6 +363,20 @@ class DeitConfig:
     def lr_recovery(self) -> float:
         return self.base_lr_recovery * self.batch_size / REFERENCE_BATCH
 
+    def regularisers(self) -> dict[str, Any]:
+        """``surgery.distill`` settings of DeiT's regularisers (stage 2 and recovery; stage 1 with
+        ``regularise_stage1``); drop-path itself is built into the model (``drop_path``).
+
+        Example:
+            >>> DeitConfig().regularisers()["mixup"], DeitConfig(ema_decay=0).regularisers().get("ema_decay")
+            (0.8, None)
+        """
+        settings: dict[str, Any] = {"mixup": self.mixup, "cutmix": self.cutmix,
+                                    "label_smoothing": self.label_smoothing, "train_mode": self.drop_path > 0}
+        if self.ema_decay:
+            settings.update(ema_decay=self.ema_decay, ema_warmup=self.ema_warmup)
+        return settings
+
     def check(self) -> None:
         """Every check that can fail before work starts (one-line errors)."""
         import timm
@@ -342,6 +393,17 @@ class DeitConfig:
             raise SurgeryError(f"batch_size must be positive, not {self.batch_size}")
         if not 0 <= self.prune_ratio < 1:
             raise SurgeryError(f"prune_ratio must be in [0, 1), not {self.prune_ratio}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise SurgeryError(f"mixup and cutmix are alphas (>= 0, 0 = off), not {self.mixup} / {self.cutmix}")
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise SurgeryError(f"mixup/cutmix pair each image with the batch flipped: batch_size must be even, "
+                               f"not {self.batch_size}")
+        if not 0 <= self.label_smoothing < 1:
+            raise SurgeryError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if not 0 <= self.drop_path < 1:
+            raise SurgeryError(f"drop_path must be in [0, 1), not {self.drop_path}")
+        if not 0 <= self.ema_decay < 1:
+            raise SurgeryError(f"ema_decay must be in [0, 1) (0 = off), not {self.ema_decay}")
         check_image_folder(self.data)
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise SurgeryError(f"checkpoint {self.checkpoint!r} does not exist; give a local weights file")
@@ -506,7 +568,8 @@ def run_deit(config: DeitConfig, out_dir: str | Path, log: Callable[[str], None]
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
 
     def build_teacher() -> nn.Module:
-        model = _load_deit(config, weights=False)
+        # the base of every stage carries drop-path; it acts only where a stage trains in train mode
+        model = _load_deit(config, weights=False, drop_path=config.drop_path)
         model.reset_classifier(classes)
         model.load_state_dict(state)
         return model.eval()
@@ -519,7 +582,9 @@ def run_deit(config: DeitConfig, out_dir: str | Path, log: Callable[[str], None]
         stage2_steps=_steps(config.stage2_epochs, config.stage2_steps, per_epoch), stage2_lr=config.lr_stage2,
         prune_ratio=config.prune_ratio,
         recovery_steps=_steps(config.recovery_epochs, config.recovery_steps, per_epoch) if config.prune_ratio else 0,
-        recovery_lr=config.lr_recovery, mode=config.mode, weight_decay=config.weight_decay, seed=config.seed)
+        recovery_lr=config.lr_recovery, mode=config.mode, weight_decay=config.weight_decay, seed=config.seed,
+        stage1_settings=config.regularisers() if config.regularise_stage1 else {},
+        finetune_settings=config.regularisers())
     example = (torch.randn(1, *teacher.pretrained_cfg["input_size"]),)
     result = run_far(build_teacher, example, train, val, plan, out_dir / config.replacement,
                      evaluate=lambda m: {"val_accuracy": batches_accuracy(m, val)}, log=log,
@@ -529,20 +594,51 @@ def run_deit(config: DeitConfig, out_dir: str | Path, log: Callable[[str], None]
     report = {"recipe": "deit", "model": config.timm_name, "replacement": config.replacement,
               "columns": ["stage", "steps", "seconds", "params", "val_accuracy", "site_cosine"],
               "rows": result["stages"], "config": _config_dict(config),
-              "plan": asdict(plan), "notes": list(DEVIATIONS), "final": str(out_dir / "final")}
+              "plan": asdict(plan), "notes": deit_deviations(config), "final": str(out_dir / "final")}
     write_report(out_dir, report)
     return report
+
+
+def deit_deviations(config: DeitConfig) -> list[str]:
+    """How this run departs from FAR's DeiT reference (written into every report).
+
+    Example:
+        >>> deit_deviations(DeitConfig(mixup=0.5))[1]
+        'regularisers differ from DeiT/FAR: mixup=0.5 (reference 0.8)'
+    """
+    notes = []
+    if not config.regularise_stage1:
+        notes.append("Mixup/CutMix, label smoothing, drop-path and EMA in stage 2 and recovery only (FAR also uses "
+                     "them in stage 1; regularise_stage1=true)")
+    reference = {"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "drop_path": 0.1, "ema_decay": 0.99996}
+    changed = [f"{k}={getattr(config, k)} (reference {v})" for k, v in reference.items() if getattr(config, k) != v]
+    if changed:
+        notes.append("regularisers differ from DeiT/FAR: " + ", ".join(changed))
+    if config.ema_warmup:
+        notes.append("EMA with timm's decay warm-up (DeiT: a fixed decay)")
+    if not config.augment:
+        notes.append("no RandAugment / random erasing (augment=false)")
+    return notes
 
 
 def _config_dict(config) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-def _load_deit(config: DeitConfig, weights: bool = True) -> nn.Module:
+def _load_deit(config: DeitConfig, weights: bool = True, drop_path: float = 0.0) -> nn.Module:
     from surgery.models import load_model
 
     if not weights:
-        return load_model(config.timm_name, random_init=True)
+        if not drop_path:
+            return load_model(config.timm_name, random_init=True)
+        import timm
+
+        from surgery.models import parse_model_spec
+
+        # timm's own stochastic depth: rates rising linearly over the blocks up to drop_path
+        model = timm.create_model(config.timm_name, pretrained=False, drop_path_rate=drop_path)
+        model.surgery_source = str(parse_model_spec(config.timm_name))  # as load_model records it
+        return model.eval()
     try:
         return load_model(config.timm_name, random_init=config.random_init, checkpoint=config.checkpoint)
     except ManifestError:
@@ -560,7 +656,8 @@ def _register() -> None:
 
     register_recipe("deit", "FAR's recipe for DeiT-T/S/B on an ImageNet-style folder: replace every attention "
                     "block, stage 1 distillation (new modules only, block-wise MSE + CE), stage 2 full "
-                    "fine-tuning, optional global pruning + recovery; lr scaled by batch/512.",
+                    "fine-tuning with DeiT's Mixup 0.8 / CutMix 1.0, label smoothing 0.1, drop-path 0.1 and "
+                    "EMA (timm's implementations), optional global pruning + recovery; lr scaled by batch/512.",
                     DeitConfig, run_deit)
 
 

@@ -262,3 +262,53 @@ def test_regularisers_at_their_defaults_keep_the_stage_key_of_earlier_runs():
     earlier = {k: v for k, v in dataclasses.asdict(config).items() if k not in skipped | added}
     assert config.key() == hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:16]
     assert DistillConfig(mode="e2e", steps=7, mixup=0.8).key() != config.key()
+
+
+# ------------------------------------------------------------------------------- DeiT recipe
+
+def test_run_far_applies_the_finetune_settings_in_stage2_only(tmp_path):
+    from recipes.deit import DeitConfig, StagePlan, run_far
+
+    torch.manual_seed(0)
+    state = vt.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+                                 num_classes=10).state_dict()
+
+    def build_teacher():
+        model = vt.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+                                     num_classes=10, drop_path_rate=0.1)
+        model.load_state_dict(state)
+        return model.eval()
+
+    finetune = {**DeitConfig().regularisers(), "ema_decay": 0.9}
+    plan = StagePlan(replacement="conv", stage1_steps=2, stage2_steps=3, finetune_settings=finetune, eval_batches=1)
+    run_far(build_teacher, (torch.randn(1, 3, 32, 32),), images(), images(batches=1), plan, tmp_path,
+            evaluate=lambda model: {}, log=lambda message: None)
+    configs = {stage: json.loads((tmp_path / stage / "config.json").read_text()) for stage in ("stage1", "stage2")}
+    assert configs["stage2"]["mixup"] == 0.8 and configs["stage2"]["cutmix"] == 1.0
+    assert configs["stage2"]["label_smoothing"] == 0.1 and configs["stage2"]["train_mode"] is True
+    assert configs["stage2"]["ema_decay"] == 0.9
+    assert configs["stage1"]["mixup"] == 0.0 and configs["stage1"]["train_mode"] is False
+    assert configs["stage1"]["ema_decay"] == 0.0
+    checkpoints = {stage: torch.load(tmp_path / stage / "checkpoint.pt", weights_only=True)
+                   for stage in ("stage1", "stage2")}
+    assert "ema" in checkpoints["stage2"] and "ema" not in checkpoints["stage1"]
+    messages = []
+    run_far(build_teacher, (torch.randn(1, 3, 32, 32),), images(), images(batches=1), plan, tmp_path,
+            evaluate=lambda model: {}, log=messages.append)
+    assert sum("already done" in m for m in messages) == 2, "finished stages reload with the same settings"
+
+
+def test_deit_config_carries_deits_regularisers():
+    from recipes.deit import DeitConfig, _load_deit, deit_deviations
+
+    config = DeitConfig(model="deit_tiny")
+    assert config.regularisers() == {"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "train_mode": True,
+                                     "ema_decay": 0.99996, "ema_warmup": False}
+    assert len(deit_deviations(config)) == 1 and "stage 1" in deit_deviations(config)[0]
+    assert deit_deviations(DeitConfig(regularise_stage1=True)) == []
+    model = _load_deit(config, weights=False, drop_path=0.1)
+    assert isinstance(model.blocks[0].drop_path1, torch.nn.Identity)  # timm's rule: 0 at the first block
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert model.surgery_source == "deit_tiny_patch16_224" and not model.training
+    with pytest.raises(surgery.SurgeryError, match="batch_size must be even"):
+        DeitConfig(model="deit_tiny", batch_size=3).check()
