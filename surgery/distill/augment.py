@@ -157,8 +157,8 @@ def ema_entries(ema: Any, names: list[str]) -> dict[str, torch.Tensor]:
     values), so a resumed run rebuilds them from the model.
     """
     state = ema.module.state_dict()
-    buffers = {name for name, _ in ema.module.named_buffers()}
-    keep = [n for n in state if n in set(names) or n in buffers]
+    wanted = set(names) | {name for name, _ in ema.module.named_buffers()}
+    keep = [n for n in state if n in wanted]
     return {n: state[n].detach().cpu().clone() for n in keep}
 
 
