@@ -1,12 +1,13 @@
-"""Start multi-head LSTM replacements close to the attention they replace, from the teacher itself.
+"""Start multi-head LSTM / GRU replacements close to the attention they replace, from the teacher itself.
 
 Attention's context for head k is a mixture of that head's VALUES. So, per site and head:
 
 1. ``pre_proj`` <- the original value projection (the LSTM of head k then reads head k's values);
-2. each head's LSTM is set to an exponential moving average of its input in both directions (input
-   gate 1/2, a fixed forget gate ``f``, output gate ~1, candidate = tanh(scale * value)); the decay
-   ``f`` is chosen per head and direction among ``decays`` by the fit below (0 = the token itself,
-   0.97 = a long window);
+2. each head's recurrence is set to an exponential moving average of its input in both directions
+   (LSTM: input gate 1/2, a fixed forget gate ``f``, output gate ~1, candidate = tanh(scale * value);
+   GRU: a fixed update gate ``z = f``, candidate = tanh(scale * value), no recurrent weights); the
+   decay ``f`` is chosen per head and direction among ``decays`` by the fit below (0 = the token
+   itself, 0.97 = a long window);
 3. the head's output Linear is the least-squares map from the LSTM features [forward, backward]
    to the teacher's context for that head, on a few captured batches.
 
@@ -24,7 +25,6 @@ from torch import nn
 
 from surgery.data import split_batch, to_device
 from surgery.distill.capture import TeacherCapture
-from surgery.distill.fastpath import supports
 from surgery.distill.fidelity import call_model
 from surgery.swap import ReplacedAttention, replaced_sites
 
@@ -48,7 +48,7 @@ def value_projection(wrapper: ReplacedAttention) -> tuple[torch.Tensor, torch.Te
     return None
 
 
-def _run_head(rnn: nn.LSTM, x: torch.Tensor, mask: torch.Tensor | None, bidirectional: bool) -> torch.Tensor:
+def _run_head(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, mask: torch.Tensor | None, bidirectional: bool) -> torch.Tensor:
     lengths = mask.sum(1) if mask is not None and bidirectional else None
     if lengths is None or bool((lengths == mask.shape[1]).all()):
         return rnn(x)[0]
@@ -57,8 +57,18 @@ def _run_head(rnn: nn.LSTM, x: torch.Tensor, mask: torch.Tensor | None, bidirect
     return y
 
 
-def _set_moving_average(rnn: nn.LSTM, decays: tuple[float, ...], scale: float) -> None:
+def supports_init(mixer: nn.Module) -> bool:
+    """Whether ``mixer`` is a multi-head recurrent replacement of single-layer LSTMs or GRUs with biases."""
+    heads = getattr(mixer, "heads", None)
+    if heads is None or not hasattr(mixer, "pre_proj") or not hasattr(mixer, "shape"):
+        return False
+    return all(isinstance(getattr(h, "rnn", None), (nn.LSTM, nn.GRU)) and h.rnn.num_layers == 1
+               and getattr(h.rnn, "proj_size", 0) == 0 and h.rnn.batch_first and h.rnn.bias for h in heads)
+
+
+def _set_moving_average(rnn: nn.LSTM | nn.GRU, decays: tuple[float, ...], scale: float) -> None:
     hidden, inputs = rnn.hidden_size, rnn.input_size
+    gru = isinstance(rnn, nn.GRU)
     width = min(hidden, inputs)
     with torch.no_grad():
         for suffix, decay in zip(("", "_reverse"), decays):
@@ -71,15 +81,19 @@ def _set_moving_average(rnn: nn.LSTM, decays: tuple[float, ...], scale: float) -
             w_hh.zero_()
             b_hh.zero_()
             b_ih.zero_()
-            w_ih[2 * hidden:2 * hidden + width, :width] = torch.eye(width) * scale  # candidate g
-            b_ih[hidden:2 * hidden] = logit                                            # forget gate
-            b_ih[3 * hidden:] = 4.0                                                    # output gate ~ 1
+            # LSTM gates (i, f, g, o): candidate g, forget f, output ~1, input sigmoid(0) = 1/2.
+            # GRU gates (r, z, n): candidate n, update z = the decay (h = z h + (1 - z) n); with
+            # W_hn = b_hn = 0 the reset gate has nothing to act on.
+            w_ih[2 * hidden:2 * hidden + width, :width] = torch.eye(width) * scale  # candidate
+            b_ih[hidden:2 * hidden] = logit                                            # forget / update
+            if not gru:
+                b_ih[3 * hidden:] = 4.0                                                # output gate ~ 1
 
 
 def initialise_from_teacher(student: nn.Module, data: Iterable, *, batches: int = 4,
                             decays: tuple[float, ...] = (0.0, 0.5, 0.8, 0.9, 0.97, 0.995), scale: float = 0.5,
                             ridge: float = 1e-3, labelled: bool | None = None) -> dict[str, list[float]]:
-    """Initialise every supported multi-head LSTM replacement from its original attention (in place).
+    """Initialise every multi-head LSTM / GRU replacement from its original attention (in place).
 
     Args:
         student: the replaced model (originals still kept).
@@ -103,7 +117,7 @@ def initialise_from_teacher(student: nn.Module, data: Iterable, *, batches: int 
         >>> len(chosen["encoder.layer.0.attention.self"])
         2
     """
-    wrappers = [w for w in replaced_sites(student) if supports(w.mixer) and value_projection(w) is not None]
+    wrappers = [w for w in replaced_sites(student) if supports_init(w.mixer) and value_projection(w) is not None]
     if not wrappers:
         return {}
     device = next(student.parameters()).device
