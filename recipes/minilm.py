@@ -2,9 +2,13 @@
 
 For each replacement, a fresh copy of the bundled pretrained model has every self-attention block
 replaced, then the replacements are distilled on offline text (Python's own documentation by
-default, ``text:builtin``; or ``text:PATH``): first teacher-forced ("blockwise", every site learns
-its own attention's output in parallel), then end to end (the student on its own activations, site
-MSE + final hidden-state and sentence-embedding terms). The report is measured on held-out text
+default, ``text:builtin``; or ``text:PATH``). Multi-head LSTM and GRU sites start from the teacher
+(``init="teacher"``: value projection + per-head moving averages fitted by least squares, see
+``surgery.distill.init``); an optional teacher-forced phase ("blockwise", every site learns its own
+attention's output in parallel) comes next, then end to end with every weight free (the student on
+its own activations, site MSE + final hidden-state and sentence-embedding terms; the new mixers at
+``e2e_lr``, the pre-trained weights at ``other_lr_scale`` times it), which is what moved the
+embedding cosine most in the measured runs (docs/distillation.md). The report is measured on held-out text
 (topics never seen in training): the mean cosine between student and teacher sentence embeddings
 (mean pooling + L2 normalisation, as sentence-transformers does), and nearest-neighbour retrieval
 agreement: top-1 = share of held-out sentences whose nearest other sentence is the same under the
@@ -38,10 +42,13 @@ class MinilmConfig:
     replacements: str = "mhlstm,gru,conv"
     model: str = "minilm"
     data: str = "text:builtin"
-    blockwise_steps: int = 600
+    init: str = "teacher"
+    blockwise_steps: int = 0
     blockwise_lr: float = 2e-3
-    e2e_steps: int = 300
-    e2e_lr: float = 5e-4
+    e2e_steps: int = 600
+    e2e_lr: float = 1e-3
+    other_lr_scale: float = 0.2
+    site_weight: float = 0.1
     batch_size: int = 16
     seq_len: int = 64
     eval_sentences: int = 1000
@@ -52,10 +59,13 @@ class MinilmConfig:
     HELP = {
         "replacements": "comma-separated replacements, each distilled in its own copy (mhlstm,gru,conv).",
         "data": "training text: text:builtin (Python's docs, offline) or text:PATH (file or folder of .txt).",
-        "blockwise_steps": "teacher-forced steps (every site fed the teacher's input).",
+        "init": "teacher: start LSTM/GRU mixers from the original attention's values (none: random init).",
+        "blockwise_steps": "teacher-forced steps first (every site fed the teacher's input; 0 skips the phase).",
         "blockwise_lr": "peak AdamW lr of the teacher-forced phase.",
-        "e2e_steps": "end-to-end steps after it (0 skips the phase).",
-        "e2e_lr": "peak lr of the end-to-end phase.",
+        "e2e_steps": "end-to-end steps, every weight trained (0 skips the phase).",
+        "e2e_lr": "peak lr of the end-to-end phase (the new mixers).",
+        "other_lr_scale": "end-to-end lr of the pre-trained weights, relative to e2e_lr.",
+        "site_weight": "end-to-end weight of the per-site MSE terms (the task terms weigh 1).",
         "batch_size": "text pieces per step.",
         "seq_len": "tokens per text piece (sentences are packed up to this length).",
         "eval_sentences": "held-out sentences for the cosine and retrieval figures.",
@@ -84,8 +94,12 @@ class MinilmConfig:
             raise SurgeryError(f"model {self.model!r} must be minilm or hf:<local dir>")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise SurgeryError(f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-        if self.blockwise_steps < 1 or self.e2e_steps < 0 or self.batch_size < 1 or self.seq_len < 8:
-            raise SurgeryError("blockwise_steps and batch_size must be positive, e2e_steps >= 0, seq_len >= 8")
+        if self.init not in ("teacher", "none"):
+            raise SurgeryError(f"init must be teacher or none, not {self.init!r}")
+        if (self.blockwise_steps < 0 or self.e2e_steps < 0 or self.blockwise_steps + self.e2e_steps < 1
+                or self.batch_size < 1 or self.seq_len < 8):
+            raise SurgeryError("blockwise_steps and e2e_steps must be >= 0 (not both 0), batch_size >= 1, "
+                               "seq_len >= 8")
 
 
 def held_out_sentences(data: str, count: int) -> list[str]:
@@ -188,10 +202,13 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
         surgery.replace_attention(student, replacement, {k: v.to(config.device) for k, v in example.items()})
         began = time.perf_counter()
         steps_done = 0
-        phases = [("blockwise", config.blockwise_steps, config.blockwise_lr)]
-        if config.e2e_steps:
-            phases.append(("e2e", config.e2e_steps, config.e2e_lr))
-        for mode, steps, lr in phases:
+        phases = [("blockwise", config.blockwise_steps, config.blockwise_lr, {}),
+                  ("e2e", config.e2e_steps, config.e2e_lr,
+                   {"train": "all", "other_lr_scale": config.other_lr_scale, "site_weight": config.site_weight})]
+        phases = [phase for phase in phases if phase[1] > 0]
+        for index, (mode, steps, lr, extra) in enumerate(phases):
+            if index == 0:
+                extra = {**extra, "init": config.init}
             path = out_dir / replacement / mode
             if (path / "fidelity.json").is_file():
                 student = surgery.load(path, model=load_model(config.model).float()).to(config.device)
@@ -201,7 +218,7 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
             log(f"{replacement} {mode}: {steps} steps at lr {lr}")
             result = surgery.distill(None, student, train, mode=mode, steps=steps, lr=lr, run_dir=path, resume=True,
                             eval_data=held, seed=config.seed, progress=PrintProgress(every=50),
-                            max_seconds=config.max_seconds, warmup=0.05)
+                            max_seconds=config.max_seconds, warmup=0.05, **extra)
             steps_done += result.steps
         seconds = time.perf_counter() - began
         embeddings = sentence_embeddings(student, tokenizer, texts)

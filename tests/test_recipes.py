@@ -179,3 +179,9 @@ def test_cli_lists_recipes_and_explains_settings():
         assert option in result.output
     result = runner.invoke(app, ["recipe", "mnist", "--out", "x", "--no-such-setting", "1"])
     assert result.exit_code == 2
+
+
+def test_minilm_rejects_no_steps_at_all(tmp_path):
+    result = runner.invoke(app, ["recipe", "minilm", "--blockwise-steps", "0", "--e2e-steps", "0",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "not both 0" in result.output
