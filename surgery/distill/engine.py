@@ -10,7 +10,12 @@ Two modes (both FAR "block-wise" objectives):
   sites of the context MSE to the teacher + ``task_weight`` x a task term: cross-entropy on labels
   when the data has them, else KL to the teacher's logits at temperature ``temperature`` for
   classifiers, else (encoders) relative MSE of the final hidden states + (1 - cosine) of the
-  mean-pooled sentence embeddings.
+  mean-pooled sentence embeddings. With ``kl_weight`` set, a classifier's task term is
+  cross-entropy (labelled data) + ``kl_weight`` x T^2 x KL(T) together (DeiT's soft distillation).
+
+Either mode can add ``hoyer_weight`` x FAR's Hoyer-Square group regulariser over the mixers' prunable
+units (``surgery.prune.hoyer_square``), so ``surgery.prune(importance="hoyer", threshold=...)`` can
+cut the units it drives to zero.
 
 Site losses are *relative* MSE: squared error over real (non-padding) tokens divided by the mean
 squared teacher context of that site, measured once on the first batch (a constant per site, so
@@ -94,6 +99,8 @@ class DistillConfig:
     label_smoothing: float = 0.0
     ema_decay: float = 0.0
     ema_warmup: bool = False
+    kl_weight: float | None = None
+    hoyer_weight: float = 0.0
 
     def key(self) -> str:
         """A digest of the settings that change the result (resume refuses a different one)."""
@@ -108,7 +115,7 @@ class DistillConfig:
 # started before they were added still resumes
 _REGULARISERS = {f.name: f.default for f in dataclasses.fields(DistillConfig)
                  if f.name in ("train_mode", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
-                               "label_smoothing", "ema_decay", "ema_warmup")}
+                               "label_smoothing", "ema_decay", "ema_warmup", "kl_weight", "hoyer_weight")}
 
 
 @dataclass
@@ -204,16 +211,34 @@ def _relative_site_loss(prediction: torch.Tensor, target: torch.Tensor, mask: to
     return loss
 
 
+def logit_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 x KL(teacher || student) of the logits softened at temperature T (Hinton et al.; the T^2
+    keeps the gradient's scale independent of T), averaged over the batch.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0, -1.0]])
+        >>> float(logit_distillation(logits, logits, 2.0))
+        0.0
+    """
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
 def _task_loss(student_out: Any, teacher_out: Any, labels: torch.Tensor | None, kwargs: dict,
                config: DistillConfig, hidden_scale: float) -> torch.Tensor:
     student_main, teacher_main = main_output(student_out), main_output(teacher_out)
     kind = output_kind(teacher_main)
+    if kind == "classifier" and config.kl_weight is not None:
+        # DeiT / FAR style: the labels and the teacher's soft predictions together
+        loss = config.kl_weight * logit_distillation(student_main, teacher_main, config.temperature)
+        if labels is not None:
+            loss = augment.classification_loss(student_main.float(), labels, config.label_smoothing) + loss
+        return loss
     if labels is not None and kind == "classifier":
         return augment.classification_loss(student_main.float(), labels, config.label_smoothing)
     if kind == "classifier":
-        t = config.temperature
-        return F.kl_div(F.log_softmax(student_main.float() / t, -1), F.log_softmax(teacher_main.float() / t, -1),
-                        log_target=True, reduction="batchmean") * t * t
+        return logit_distillation(student_main, teacher_main, config.temperature)
     if kind == "encoder":
         mask = padding_mask_of(kwargs)
         hidden = _relative_site_loss(student_main, teacher_main, mask, hidden_scale, 0.0)
@@ -326,6 +351,13 @@ def distill(
             labelled image batches of even size), label_smoothing (cross-entropy, and Mixup's targets),
             ema_decay (keep a ``timm.utils.ModelEmaV3`` of the weights, saved in the checkpoint; the
             final evaluation and saved model use it) and ema_warmup (timm's EMA decay warm-up).
+            Extra loss terms (off by default): kl_weight (mode="e2e", classifiers: the task term becomes
+            cross-entropy on the labels + kl_weight x T^2 x KL to the teacher's logits at
+            ``temperature`` T, DeiT's soft distillation; without labels, kl_weight x T^2 x KL alone;
+            None keeps cross-entropy when labelled, else KL) and hoyer_weight (adds
+            hoyer_weight x ``surgery.prune.hoyer_square(student)``, FAR's Hoyer-Square group
+            regulariser over the mixers' prunable units, FAR uses 5e-5; then prune with
+            ``importance="hoyer"``).
 
     Returns:
         ``DistillResult`` with per-site before/after numbers and the end-to-end ``fidelity`` report.
@@ -348,6 +380,16 @@ def distill(
         raise SurgeryError(f"steps must be at least 1, not {steps}")
     if batch_transform is not None and (settings.get("mixup") or settings.get("cutmix")):
         raise SurgeryError("give either batch_transform or the mixup/cutmix settings, not both")
+    kl_weight = settings.get("kl_weight")
+    if kl_weight is not None and (isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float))
+                                  or kl_weight < 0):
+        raise SurgeryError(f"kl_weight must be a number >= 0 (or None: no combined term), not {kl_weight!r}")
+    if kl_weight is not None and mode != "e2e":
+        raise SurgeryError("kl_weight needs mode='e2e' (blockwise trains on the sites' contexts only, "
+                           "without a task term)")
+    hoyer_weight = settings.get("hoyer_weight", 0.0)
+    if isinstance(hoyer_weight, bool) or not isinstance(hoyer_weight, (int, float)) or hoyer_weight < 0:
+        raise SurgeryError(f"hoyer_weight must be a number >= 0 (0 turns it off), not {hoyer_weight!r}")
     config = DistillConfig(mode=mode, steps=steps, lr=lr, seed=seed, batch_size=batch_size, **settings)
     if isinstance(data, str):
         config.data = data
@@ -384,6 +426,17 @@ class _Trainer:
         self.wrappers = {w.site.name: w for w in replaced_sites(student)}
         if not self.wrappers:
             raise SurgeryError("the student has no replaced attention sites; run surgery.replace_attention first")
+        self.hoyer_square = None
+        if config.hoyer_weight:
+            # the very function surgery.prune ranks by (imported here: torch-pruning loads only when used)
+            from surgery.prune.engine import replacement_bundles_sets
+            from surgery.prune.importance import hoyer_square
+
+            if not any(True for _ in replacement_bundles_sets(student)):
+                names = sorted({w.replacement for w in self.wrappers.values()})
+                raise SurgeryError(f"hoyer_weight needs replacements with prunable units; {names} have no "
+                                   "pruner (see surgery.list_replacements)")
+            self.hoyer_square = hoyer_square
 
     def _resolve_data(self, data, split: str):
         if isinstance(data, str):
@@ -410,6 +463,9 @@ class _Trainer:
             raise DataError(f"the data does not fit {type(self.student).__name__}: {first}") from None
         if output_kind(output) == "classifier":
             self.classes = output.shape[-1]
+        elif self.config.kl_weight is not None:
+            raise DataError(f"kl_weight needs a classifier (logits [B, classes]); {type(self.student).__name__}'s "
+                            f"output has shape {tuple(output.shape)}")
         if labels is not None and labels.is_floating_point():
             if output_kind(output) != "classifier" or labels.shape != output.shape:
                 raise DataError(f"soft labels of shape {tuple(labels.shape)} do not fit the model's output "
@@ -608,6 +664,11 @@ class _Trainer:
                 loss = config.site_weight * torch.stack(list(site_losses.values())).sum()
                 if task is not None:
                     loss = loss + config.task_weight * task
+                hoyer = None
+                if self.hoyer_square is not None:
+                    # a function of the weights alone: the same on every process, so averaging keeps it
+                    hoyer = self.hoyer_square(self.student)
+                    loss = loss + config.hoyer_weight * hoyer
                 values = torch.stack([*(l.detach() for l in site_losses.values()),
                                       task.detach() if task is not None else torch.zeros(())])
                 values = all_mean(values, world)
@@ -628,6 +689,9 @@ class _Trainer:
                                         + (values[-1] * config.task_weight if task is not None else 0.0))
                 if task is not None:
                     metrics["task"] = float(values[-1])
+                if hoyer is not None:
+                    metrics["hoyer"] = float(hoyer.detach())
+                    metrics["loss"] += config.hoyer_weight * metrics["hoyer"]
                 metrics["lr"] = scheduler.get_last_lr()[0]
                 self.progress.update(step, metrics)
                 if run is not None and (step % config.log_every == 0 or step == config.steps):
