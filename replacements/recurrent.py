@@ -91,10 +91,26 @@ def _check_identity(shape: MixerShape, width: int) -> nn.Module:
     return nn.Identity()
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+
+
 def _is_right_padded(padding_mask: torch.Tensor) -> bool:
+    """True when some row ends in padding and every row is real tokens first, pads last (none empty).
+
+    A mask without padding is not right-padded: it needs no packing, and unpacked is exactly what
+    the mixer computes without a mask. This is the one data-dependent decision of the recurrent
+    mixers, taken by bidirectional ones only (causal, one-direction mixers never pack).
+    """
+    if _is_exporting():
+        # packing cannot be traced (nn.LSTM sizes its state by the packed batch sizes, a tensor);
+        # the exported program serves batches without padding and checks that when it runs
+        torch._check(padding_mask.all().item(), lambda: "an exported bidirectional recurrent mixer "
+                     "takes batches without padding only")
+        return False
     lengths = padding_mask.sum(1, keepdim=True)
     positions = torch.arange(padding_mask.shape[1], device=padding_mask.device).unsqueeze(0)
-    return bool(torch.equal(padding_mask, positions < lengths)) and bool((lengths > 0).all())
+    layout = (padding_mask == (positions < lengths)).all() & (lengths > 0).all()
+    return bool(layout & ~padding_mask.all())
 
 
 # --------------------------------------------------------------------------------------- pruning

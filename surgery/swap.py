@@ -127,11 +127,13 @@ def _attribute_name(path: str | None) -> str | None:
     return path.replace(".", "_") if path else None
 
 
+# A mask is passed on even when it has no padding: deciding "no padding, pass None" would be a
+# data-dependent Python branch, which stops torch.export / dynamo from tracing a masked call. An
+# all-True mask gives the same result as None (mixers multiply by it: x * 1 == x exactly).
 def _valid_from_key_padding(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None:
         return None
-    valid = ~mask if mask.dtype == torch.bool else mask == 0
-    return None if bool(valid.all()) else valid
+    return ~mask if mask.dtype == torch.bool else mask == 0
 
 
 def _valid_from_attention_mask(mask: Any, seq_len: int) -> torch.Tensor | None:
@@ -145,7 +147,7 @@ def _valid_from_attention_mask(mask: Any, seq_len: int) -> torch.Tensor | None:
         valid = allowed.any(dim=-2)[:, 0]
     else:
         return None
-    return None if bool(valid.all()) else valid
+    return valid
 
 
 @dataclass(frozen=True)

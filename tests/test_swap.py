@@ -244,3 +244,77 @@ def test_key_padding_mask_of_torch_encoder(replacement):
         padded = model(inputs, src_key_padding_mask=pad)[1, :4]
         alone = model(inputs[1:, :4])[0]
     torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_bert(attention="sdpa"):
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, attn_implementation=attention)).eval()
+
+
+@pytest.mark.parametrize("replacement", REPLACEMENTS)
+def test_mask_without_padding_gives_exactly_no_mask(replacement):
+    # the wrapper passes every mask on (no data-dependent "is there padding?" branch), so an
+    # all-real mask must give bit for bit what no mask gives
+    from models import ids
+
+    model = _tiny_bert()
+    tokens = ids(2, 12)
+    surgery.replace_attention(model, replacement, {"input_ids": tokens})
+    mixer = next(surgery.swap.replaced_sites(model)).mixer
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        assert torch.equal(mixer(x, torch.ones(2, 12, dtype=torch.bool)), mixer(x))
+        masked = model(input_ids=tokens, attention_mask=torch.ones(2, 12, dtype=torch.long)).last_hidden_state
+        assert torch.equal(masked, model(input_ids=tokens).last_hidden_state)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes .*_flat_weights")  # torch's nn.LSTM/GRU export
+@pytest.mark.parametrize("replacement, config", [
+    ("conv", None), ("gru", {"bidirectional": False}), ("mhlstm", {"bidirectional": False}),
+])
+def test_export_with_a_padded_attention_mask(replacement, config):
+    from models import ids
+
+    model = _tiny_bert()
+    tokens = ids(2, 12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    surgery.replace_attention(model, replacement, {"input_ids": tokens, "attention_mask": mask}, config=config)
+    inputs = {"input_ids": tokens, "attention_mask": mask}
+    program = torch.export.export(model, (), inputs, strict=False)
+    with torch.no_grad():
+        eager = model(**inputs).last_hidden_state
+        exported = program.module()(**inputs).last_hidden_state
+    assert torch.equal(exported, eager)
+    other = mask.clone()
+    other[0, 10:] = 0  # the padding is an input of the program, not baked into it
+    with torch.no_grad():
+        assert torch.equal(program.module()(input_ids=tokens, attention_mask=other).last_hidden_state,
+                           model(input_ids=tokens, attention_mask=other).last_hidden_state)
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes .*_flat_weights")
+def test_export_of_a_bidirectional_recurrent_mixer_takes_unpadded_batches_only():
+    # bidirectional LSTM/GRU mixers pack right-padded batches, which torch.export cannot trace
+    # (nn.LSTM sizes its state by the packed batch sizes, a tensor): the program checks instead
+    from models import ids
+
+    model = _tiny_bert()
+    tokens = ids(2, 12)
+    ones = torch.ones(2, 12, dtype=torch.long)
+    padded = ones.clone()
+    padded[1, 8:] = 0
+    surgery.replace_attention(model, "mhlstm", {"input_ids": tokens})
+    program = torch.export.export(model, (), {"input_ids": tokens, "attention_mask": ones}, strict=False)
+    with torch.no_grad():
+        for inputs in ({"input_ids": tokens}, {"input_ids": tokens, "attention_mask": ones}):
+            assert torch.equal(program.module()(input_ids=tokens, attention_mask=ones).last_hidden_state,
+                               model(**inputs).last_hidden_state)
+        with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+            program.module()(input_ids=tokens, attention_mask=padded)
+        # eager still packs the padded batch: real tokens do not see the pads
+        alone = model(input_ids=tokens[1:, :8]).last_hidden_state[0]
+        torch.testing.assert_close(model(input_ids=tokens, attention_mask=padded).last_hidden_state[1, :8],
+                                   alone, rtol=1e-4, atol=1e-5)
