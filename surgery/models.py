@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def load_model(spec: str | ModelSpec, *, random_init: bool = False, checkpoint: 
     else:
         module_name, factory_name = spec.name.split(":")
         try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
+            factory = getattr(import_user_module(module_name), factory_name)
         except (ImportError, AttributeError) as error:
             raise UnknownNameError(f"cannot import {factory_name} from {module_name}: {error}") from None
         model = factory()
@@ -124,6 +125,30 @@ def load_model(spec: str | ModelSpec, *, random_init: bool = False, checkpoint: 
         load_weights_file(model, checkpoint)
     model.surgery_source = str(spec)  # lets surgery.save record how to rebuild the base model
     return model.eval()
+
+
+def import_user_module(name: str) -> Any:
+    """Import a module of the user's own code, looked up as ``python -m`` would: working directory first.
+
+    The ``surgery`` console script, unlike ``python -m surgery``, does not put the working
+    directory on ``sys.path``; without this, ``py:my_model:build`` next to the user would only be
+    found with ``PYTHONPATH=.``. The directory is on ``sys.path`` only while importing. Used for
+    ``py:<module>:<factory>`` specs (which already need an explicit opt-in) and ``--plugin``.
+
+    Example:
+        >>> import_user_module("replacements.conv").__name__
+        'replacements.conv'
+    """
+    cwd = os.getcwd()
+    present = any(os.path.abspath(p or os.curdir) == cwd for p in sys.path)
+    if not present:
+        sys.path.insert(0, cwd)
+    try:
+        importlib.invalidate_caches()  # a file written since the last lookup of its directory
+        return importlib.import_module(name)
+    finally:
+        if not present and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib.metadata
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -72,8 +73,13 @@ class Replacement:
         return self.module_class(shape, config)
 
 
+#: entry-point group of installed packages that register replacements, e.g. in pyproject.toml:
+#: ``[project.entry-points."surgery.replacements"]`` ``my_mixers = "my_package.mixers"``
+ENTRY_POINT_GROUP = "surgery.replacements"
+
 _REGISTRY: dict[str, Replacement] = {}
 _BUILTINS_LOADED = False
+_LOADED_ENTRY_POINTS: set[str] = set()
 
 
 def _load_builtins() -> None:
@@ -81,6 +87,54 @@ def _load_builtins() -> None:
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
         import replacements  # noqa: F401  (registers mhlstm, gru, conv)
+
+
+def _load_entry_points() -> None:
+    """Import every installed ``surgery.replacements`` entry point not imported yet (each once).
+
+    Called only when a name is not registered (or to list every name), so a broken plugin never
+    gets in the way of the built-ins; its failure is one ``SurgeryError`` naming it.
+    """
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        key = f"{entry.name}={entry.value}"
+        if key in _LOADED_ENTRY_POINTS:
+            continue
+        try:
+            entry.load()
+        except Exception as error:  # noqa: BLE001 - any failure of third-party code at import
+            raise SurgeryError(
+                f"replacement plugin {entry.name!r} ({entry.value}, entry point group "
+                f"{ENTRY_POINT_GROUP!r}) failed to load: {_one_line(error)}"
+            ) from error
+        _LOADED_ENTRY_POINTS.add(key)
+
+
+def load_plugin(module: str) -> None:
+    """Import ``module`` so the replacements it registers (``register_replacement``) can be used.
+
+    The module is looked up as ``python -m`` would: the working directory first, then
+    ``sys.path``. This is what ``--plugin MODULE`` does on the command line; installed packages
+    can instead declare an entry point in the group ``surgery.replacements`` (found on demand).
+
+    Args:
+        module: a dotted module name, e.g. ``my_mixers`` for ``./my_mixers.py``.
+
+    Example:
+        >>> load_plugin("replacements.conv")
+        >>> "conv" in list_replacements()
+        True
+    """
+    from surgery.models import import_user_module
+
+    try:
+        import_user_module(module)
+    except Exception as error:  # noqa: BLE001 - any failure of the plugin's own code
+        raise SurgeryError(f"replacement plugin {module!r} failed to load: {_one_line(error)}") from error
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def register_replacement(
@@ -93,7 +147,8 @@ def register_replacement(
     """Register a replacement module class under ``name`` (use as a class decorator).
 
     The class is built as ``cls(shape: MixerShape, config)`` and maps ``x [B, N, shape.input_dim]``
-    (plus an optional ``padding_mask [B, N]``, True = real token) to ``[B, N, shape.output_dim]``.
+    (plus an optional ``padding_mask [B, N]``, True = real token; all True when nothing is padded,
+    which must give exactly what ``None`` gives) to ``[B, N, shape.output_dim]``.
 
     Args:
         name: the name used by ``replace_attention`` and ``surgery replace --with``.
@@ -134,15 +189,20 @@ def get_replacement(name: str) -> Replacement:
     """Return the registered replacement called ``name`` (UnknownNameError with suggestions)."""
     _load_builtins()
     if name not in _REGISTRY:
+        _load_entry_points()
+    if name not in _REGISTRY:
         raise UnknownNameError(
             f"unknown replacement {name!r}; choose one of {sorted(_REGISTRY)}."
             + close_matches(name, _REGISTRY)
+            + f" Replacements of your own: import their module first (CLI: --plugin MODULE) or "
+            f"install them with an entry point in the group {ENTRY_POINT_GROUP!r}."
         )
     return _REGISTRY[name]
 
 
 def list_replacements(pattern: str = "*") -> list[str]:
-    """Names of the registered replacements matching an fnmatch ``pattern``.
+    """Names of the registered replacements matching an fnmatch ``pattern`` (built-in, imported
+    plugins and installed ``surgery.replacements`` entry points).
 
     Example:
         >>> from surgery import list_replacements
@@ -150,4 +210,5 @@ def list_replacements(pattern: str = "*") -> list[str]:
         True
     """
     _load_builtins()
+    _load_entry_points()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))

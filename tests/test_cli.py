@@ -1,10 +1,12 @@
 """The CLI: list, inspect, replace; bad input gives one line and exit code 2."""
 
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
+import surgery
 from surgery.cli import app
 
 runner = CliRunner()
@@ -74,3 +76,45 @@ def test_py_model_spec(tmp_path, monkeypatch):
     assert json.loads(result.stdout)["sites"] == 2
     listing = invoke("inspect", str(tmp_path / "r"), "--json")
     assert json.loads(listing.stdout)["source"] == "py:models:hand_written_factory"
+
+
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def example_inputs(self):
+        return torch.randn(2, 5, 16)
+
+
+def build():
+    torch.manual_seed(0)
+    return TinyEncoder()
+'''
+
+
+def test_py_model_spec_from_the_working_directory(tmp_path, monkeypatch):
+    # the console script, unlike python -m, has no working directory on sys.path: py: specs look there
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user_model_cwd.py").write_text(USER_MODEL)
+    try:
+        result = invoke("replace", "--model", "py:user_model_cwd:build", "--with", "conv", "--out", "run", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["sites"] == 1
+        assert str(tmp_path) not in sys.path  # only while importing
+        sys.modules.pop("user_model_cwd")  # as in a new process
+        assert type(surgery.load("run", allow_code=True).layer.self_attn).__name__ == "ReplacedAttention"
+        # rebuilding a saved py: source still needs the explicit opt-in
+        refused = invoke("export", "run", "--out", "model.pt2")
+        assert refused.exit_code == 2 and "--allow-code" in refused.stderr
+    finally:
+        sys.modules.pop("user_model_cwd", None)

@@ -32,6 +32,11 @@ ExcludeOption = Annotated[Optional[list[str]], typer.Option(
     "--exclude", help="Module-name suffix to leave alone (repeatable), or one full-match regex.")]
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Replacement setting as key=value (repeatable), e.g. --set hidden_per_head=32.")]
+PluginOption = Annotated[Optional[list[str]], typer.Option(
+    "--plugin", metavar="MODULE",
+    help="Import MODULE first (repeatable): your module that registers replacements with "
+         "surgery.register_replacement; found like `python -m` does (working directory first). "
+         "Installed packages can use the entry point group surgery.replacements instead.")]
 AllowCodeOption = Annotated[bool, typer.Option(
     "--allow-code", help="Allow a saved py:<module>:<factory> source to be imported and called.")]
 
@@ -51,6 +56,14 @@ def guarded(function: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def load_plugins(modules: Optional[list[str]]) -> None:
+    """Import the --plugin modules (each registers its replacements); one-line error otherwise."""
+    from surgery.registry import load_plugin
+
+    for module in modules or []:
+        load_plugin(module)
 
 
 def rule(values: Optional[list[str]]) -> str | list[str] | None:

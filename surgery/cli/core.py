@@ -11,8 +11,9 @@ from surgery.cli.distill import (
     BatchOption, DataOption, LrOption, ModeOption, SeqLenOption, StepsOption, run_distill,
 )
 from surgery.cli.common import (
-    AllowCodeOption, CheckpointOption, ExcludeOption, JsonOption, ModelOption, RandomInitOption,
-    QuietOption, SetOption, TargetsOption, console, guarded, parse_settings, print_json, print_table, rule,
+    AllowCodeOption, CheckpointOption, ExcludeOption, JsonOption, ModelOption, PluginOption, RandomInitOption,
+    QuietOption, SetOption, TargetsOption, console, guarded, load_plugins, parse_settings, print_json,
+    print_table, rule,
 )
 
 
@@ -22,11 +23,12 @@ def register(app: typer.Typer) -> None:
     app.command("replace")(guarded(replace_command))
 
 
-def list_command(json_output: JsonOption = False) -> None:
+def list_command(plugin: PluginOption = None, json_output: JsonOption = False) -> None:
     """List replacements, recipes and model aliases."""
     from surgery.models import ALIASES
     from surgery.registry import get_replacement, list_replacements
 
+    load_plugins(plugin)
     replacements = [{"name": n, "description": get_replacement(n).description,
                      "settings": get_replacement(n).config_class().to_dict()} for n in list_replacements()]
     recipes = _recipes()
@@ -94,6 +96,7 @@ def inspect_command(
 def replace_command(
     model: ModelOption,
     with_: Annotated[str, typer.Option("--with", "-w", help="Replacement name (see `surgery list`).")] = "mhlstm",
+    plugin: PluginOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory to save the replaced model.")] = None,
     random_init: RandomInitOption = False,
     checkpoint: CheckpointOption = None,
@@ -123,6 +126,7 @@ def replace_command(
     from surgery.registry import get_replacement
     from surgery.swap import replace_attention
 
+    load_plugins(plugin)
     get_replacement(with_)  # unknown names fail before the model is built
     if data and out is None:
         raise SurgeryError("distilling after replace needs a run directory: add --out DIR")
