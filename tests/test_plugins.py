@@ -177,3 +177,17 @@ def test_plugin_replacement_sees_the_padding_mask(tmp_path, monkeypatch):
     x = torch.randn(2, 5, 8)
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     assert torch.equal(mixer(x, mask)[1, :3], mixer(x[1:, :3])[0])
+
+
+@pytest.mark.parametrize("command", ["distill", "prune", "bench", "export"])
+def test_commands_on_saved_runs_take_plugins_first(tmp_path, monkeypatch, command):
+    # a saved run made with a plugin replacement needs the plugin before it is loaded
+    monkeypatch.syspath_prepend(str(tmp_path))
+    marker = tmp_path / "imported"
+    module = write_module(tmp_path, f"marker_plugin_{command}", f"open({str(marker)!r}, 'w').close()\n")
+    extra = ["--out", str(tmp_path / "model.onnx")] if command == "export" else []
+    result = invoke(command, str(tmp_path / "no-such-run"), *extra, "--plugin", module)
+    assert marker.is_file(), result.output
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    broken = invoke(command, str(tmp_path / "no-such-run"), *extra, "--plugin", "no_such_plugin_module_xyz")
+    assert broken.exit_code == 2 and "no_such_plugin_module_xyz" in broken.output

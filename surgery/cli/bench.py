@@ -8,7 +8,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from surgery.cli.common import AllowCodeOption, JsonOption, console, err_console, guarded, print_json, print_table
+from surgery.cli.common import (
+    AllowCodeOption, JsonOption, PluginOption, console, err_console, guarded, load_plugins, print_json,
+    print_table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +34,7 @@ def bench_command(
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs (fvcore, 1 flop = 1 MAC).")] = True,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak activation memory.")] = True,
     allow_code: AllowCodeOption = False,
+    plugin: PluginOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Compare a replaced/pruned model with its original: params, FLOPs, latency, peak memory.
@@ -38,6 +42,7 @@ def bench_command(
     Both models are timed in the same process, interleaved, with fixed threads: ratios hold on a
     busy machine. The original is built with random weights (costs do not depend on the values).
     """
+    load_plugins(plugin)
     from surgery import measure
     from surgery.errors import SurgeryError
     from surgery.swap import finalize

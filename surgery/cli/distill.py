@@ -9,8 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from surgery.cli.common import (
-    AllowCodeOption, JsonOption, QuietOption, console, err_console, guarded, parse_settings, print_json,
-    print_table,
+    AllowCodeOption, JsonOption, PluginOption, QuietOption, console, err_console, guarded, load_plugins,
+    parse_settings, print_json, print_table,
 )
 from surgery.progress import NullProgress
 
@@ -143,10 +143,12 @@ def distill_command(
     settings: DistillSetOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run's last checkpoint (same settings).")] = False,
     allow_code: AllowCodeOption = False,
+    plugin: PluginOption = None,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
     """Distill a replaced model's attention replacements against the originals, then report fidelity."""
+    load_plugins(plugin)
     run_distill(run, data=data, steps=steps, mode=mode, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed,
                 train=train, max_seconds=max_seconds, settings=parse_settings(settings), resume=resume,
                 quiet=quiet, json_output=json_output, allow_code=allow_code, eval_data=eval_data)

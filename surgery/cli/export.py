@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from surgery.cli.common import AllowCodeOption, JsonOption, console, guarded, print_json, print_table
+from surgery.cli.common import (
+    AllowCodeOption, JsonOption, PluginOption, console, guarded, load_plugins, print_json, print_table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,9 +28,11 @@ def export_command(
     atol: Annotated[float, typer.Option(help="Absolute tolerance of the check.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance of the check.")] = 1e-4,
     allow_code: AllowCodeOption = False,
+    plugin: PluginOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Export a saved model (originals dropped) and verify the artifact against PyTorch."""
+    load_plugins(plugin)
     from surgery.checkpoint import load
     from surgery.errors import ExportError, ManifestError
     from surgery.export import FORMATS, export

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from surgery.cli.common import AllowCodeOption, JsonOption, console, guarded, print_json, print_table
+from surgery.cli.common import (
+    AllowCodeOption, JsonOption, PluginOption, console, guarded, load_plugins, print_json, print_table,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,9 +42,11 @@ def prune_command(
         "--out", "-o", help="Directory to save the pruned model (without it, only the report is shown).")] = None,
     no_flops: Annotated[bool, typer.Option("--no-flops", help="Skip FLOP counting (faster).")] = False,
     allow_code: AllowCodeOption = False,
+    plugin: PluginOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Prune a saved model globally (replacement units and MLP channels); optionally recover and save."""
+    load_plugins(plugin)
     from surgery.checkpoint import load, read_manifest, save
     from surgery.errors import PruningError
     from surgery.inputs import default_example_inputs
