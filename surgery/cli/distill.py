@@ -29,7 +29,8 @@ MaxSecondsOption = Annotated[Optional[float], typer.Option(
     "--max-seconds", help="Stop (after a checkpoint) when this much training time has passed.")]
 DistillSetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Further distill setting key=value (repeatable): cosine_weight, task_weight, temperature, "
-                  "warmup, weight_decay, checkpoint_every, eval_batches, ...")]
+                  "kl_weight, hoyer_weight, init, other_lr_scale, warmup, weight_decay, checkpoint_every, "
+                  "eval_batches, ... (surgery.distill.DistillConfig).")]
 
 
 def register(app: typer.Typer) -> None:
