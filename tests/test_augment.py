@@ -256,7 +256,8 @@ def test_resume_with_mixup_ema_and_drop_path_equals_uninterrupted(tmp_path):
 def test_regularisers_at_their_defaults_keep_the_stage_key_of_earlier_runs():
     config = DistillConfig(mode="e2e", steps=7)
     added = {"train_mode", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "label_smoothing", "ema_decay",
-             "ema_warmup", "kl_weight", "hoyer_weight"}  # the last two: tests/test_distill_terms.py
+             "ema_warmup", "kl_weight", "hoyer_weight",  # these two: tests/test_distill_terms.py
+             "freeze"}  # tests/test_distill.py
     skipped = {"checkpoint_every", "log_every", "max_seconds", "eval_batches", "eval_data", "fast", "cache",
                "cache_megabytes"}
     earlier = {k: v for k, v in dataclasses.asdict(config).items() if k not in skipped | added}

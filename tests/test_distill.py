@@ -12,7 +12,7 @@ import surgery
 from models import build
 from surgery.distill import DistillConfig, evaluate_fidelity
 from surgery.distill.fastpath import batched_forward, supports
-from surgery.errors import DataError, TrainingDivergedError
+from surgery.errors import DataError, SurgeryError, TrainingDivergedError
 from surgery.progress import NullProgress
 from surgery.swap import replaced_sites
 
@@ -76,6 +76,20 @@ def test_e2e_train_all_trains_everything_but_the_kept_originals():
     assert all(torch.equal(now[n], v) for n, (v, original) in start.items() if original)
     assert not torch.equal(now["embeddings.word_embeddings.weight"], start["embeddings.word_embeddings.weight"][0])
     assert result.fidelity.embedding_cosine is not None and all(p.requires_grad for p in model.parameters())
+
+
+def test_freeze_keeps_matching_parameters_out_of_training():
+    model = replaced("hf_bert")
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    surgery.distill(None, model, bert_data(), mode="e2e", train="all", steps=3, lr=1e-3,
+                    freeze="*.word_embeddings.*, *.LayerNorm.*")
+    now = dict(model.named_parameters())
+    assert torch.equal(now["embeddings.word_embeddings.weight"], start["embeddings.word_embeddings.weight"])
+    assert all(torch.equal(now[n], start[n]) for n in start if ".LayerNorm." in n)
+    assert not torch.equal(now["embeddings.position_embeddings.weight"], start["embeddings.position_embeddings.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # flags restored afterwards
+    with pytest.raises(SurgeryError, match="match no parameter"):
+        surgery.distill(None, model, bert_data(), mode="e2e", train="all", steps=1, freeze="*.no_such.*")
 
 
 @pytest.mark.parametrize("case", ["timm_vit", "hf_bert"])

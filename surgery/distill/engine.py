@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
@@ -101,6 +102,7 @@ class DistillConfig:
     ema_warmup: bool = False
     kl_weight: float | None = None
     hoyer_weight: float = 0.0
+    freeze: str | None = None
 
     def key(self) -> str:
         """A digest of the settings that change the result (resume refuses a different one)."""
@@ -115,7 +117,8 @@ class DistillConfig:
 # started before they were added still resumes
 _REGULARISERS = {f.name: f.default for f in dataclasses.fields(DistillConfig)
                  if f.name in ("train_mode", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
-                               "label_smoothing", "ema_decay", "ema_warmup", "kl_weight", "hoyer_weight")}
+                               "label_smoothing", "ema_decay", "ema_warmup", "kl_weight", "hoyer_weight",
+                               "freeze")}
 
 
 @dataclass
@@ -276,7 +279,8 @@ def _shards(data: Iterable, world: World, start_epoch: int, start_index: int) ->
         epoch, skip = epoch + 1, 0
 
 
-def _trainable(student: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]:
+def _trainable(student: nn.Module, train: str, freeze: str | None = None) -> list[tuple[str, nn.Parameter]]:
+    patterns = [p.strip() for p in (freeze or "").split(",") if p.strip()]
     wrappers = list(replaced_sites(student))
     if train == "replacements":
         ids = {id(p) for w in wrappers for p in w.mixer.parameters()}
@@ -286,11 +290,19 @@ def _trainable(student: nn.Module, train: str) -> list[tuple[str, nn.Parameter]]
         ids = {id(p) for p in student.parameters()} - (teacher_ids - shared)
     else:
         raise SurgeryError(f"train must be 'replacements' or 'all', not {train!r}")
-    seen, chosen = set(), []
+    seen, chosen, matched = set(), [], set()
     for name, p in student.named_parameters():
-        if id(p) in ids and id(p) not in seen:
+        hits = {pattern for pattern in patterns if fnmatch.fnmatchcase(name, pattern)}
+        matched |= hits
+        if id(p) in ids and id(p) not in seen and not hits:
             seen.add(id(p))
             chosen.append((name, p))
+    unmatched = [pattern for pattern in patterns if pattern not in matched]
+    if unmatched:
+        raise SurgeryError(f"freeze pattern(s) {unmatched} match no parameter name; use fnmatch patterns over "
+                           "model.named_parameters(), e.g. freeze='*.word_embeddings.*'")
+    if not chosen:
+        raise SurgeryError("nothing left to train: the freeze patterns cover every trainable parameter")
     return chosen
 
 
@@ -357,7 +369,9 @@ def distill(
             None keeps cross-entropy when labelled, else KL) and hoyer_weight (adds
             hoyer_weight x ``surgery.prune.hoyer_square(student)``, FAR's Hoyer-Square group
             regulariser over the mixers' prunable units, FAR uses 5e-5; then prune with
-            ``importance="hoyer"``).
+            ``importance="hoyer"``). freeze: comma-separated fnmatch patterns of parameter names
+            kept out of training (e.g. ``"*.word_embeddings.*"`` with ``train="all"``: a 30k-row
+            embedding matrix costs a dense gradient and an AdamW update every step).
 
     Returns:
         ``DistillResult`` with per-site before/after numbers and the end-to-end ``fidelity`` report.
@@ -515,7 +529,7 @@ class _Trainer:
             self.teacher = copy.deepcopy(student)
             for w in replaced_sites(self.teacher):
                 w.use_original = True
-        named = _trainable(student, config.train)
+        named = _trainable(student, config.train, config.freeze)
         params = [p for _, p in named]
         flags = {id(p): p.requires_grad for p in student.parameters()}
         for p in student.parameters():
