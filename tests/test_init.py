@@ -10,7 +10,7 @@ from surgery.distill.init import initialise_from_teacher
 from test_distill import bert_data
 
 
-@pytest.mark.parametrize("replacement", ["mhlstm", "gru"])
+@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv"])
 def test_init_from_teacher_lowers_every_site_error(replacement):
     torch.manual_seed(0)
     model, x = build("hf_bert")
@@ -21,7 +21,10 @@ def test_init_from_teacher_lowers_every_site_error(replacement):
     after = evaluate_fidelity(None, model, data[4:])
     assert sorted(chosen) == sorted(s.name for s in before.sites)
     for site_name, picks in chosen.items():
-        assert all(len(pair) == 2 for pair in picks), site_name  # forward and backward decay per head
+        if replacement == "conv":
+            assert picks == [0.0]  # zero kernels: each token's own values
+        else:
+            assert all(len(pair) == 2 for pair in picks), site_name  # forward and backward decay per head
     for b, a in zip(before.sites, after.sites):
         assert a.relative_mse < 0.5 * b.relative_mse, (b, a)
         assert a.cosine > b.cosine
@@ -29,7 +32,7 @@ def test_init_from_teacher_lowers_every_site_error(replacement):
 
 def test_init_leaves_other_mixers_alone():
     model, x = build("hf_bert")
-    surgery.replace_attention(model, "conv", x)
+    surgery.replace_attention(model, "mhlstm", x, config={"num_layers": 2})  # stacked: no closed-form start
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert initialise_from_teacher(model, bert_data()[:2]) == {}
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -11,6 +11,10 @@ Attention's context for head k is a mixture of that head's VALUES. So, per site 
 3. the head's output Linear is the least-squares map from the LSTM features [forward, backward]
    to the teacher's context for that head, on a few captured batches.
 
+Token convolutions (``conv``) get step 1, zero depthwise kernels (each token passes through its
+residual path unchanged) and the least-squares output map from the token's own values to the
+teacher's context: the "decay 0" member of the family above, which training then widens.
+
 Training then starts from this fit instead of a random mixer. Sites whose original has no
 recognisable value projection, or mixers of other kinds, are left unchanged.
 """
@@ -58,12 +62,21 @@ def _run_head(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, mask: torch.Tensor | None,
 
 
 def supports_init(mixer: nn.Module) -> bool:
-    """Whether ``mixer`` is a multi-head recurrent replacement of single-layer LSTMs or GRUs with biases."""
+    """Whether ``mixer`` is a multi-head recurrent replacement of single-layer LSTMs or GRUs with biases,
+    or a token convolution."""
+    if _is_conv(mixer):
+        return True
     heads = getattr(mixer, "heads", None)
     if heads is None or not hasattr(mixer, "pre_proj") or not hasattr(mixer, "shape"):
         return False
     return all(isinstance(getattr(h, "rnn", None), (nn.LSTM, nn.GRU)) and h.rnn.num_layers == 1
                and getattr(h.rnn, "proj_size", 0) == 0 and h.rnn.batch_first and h.rnn.bias for h in heads)
+
+
+def _is_conv(mixer: nn.Module) -> bool:
+    convs = getattr(mixer, "convs", None)
+    return (isinstance(convs, nn.ModuleList) and all(isinstance(c, nn.Conv1d) for c in convs)
+            and isinstance(getattr(mixer, "pre_proj", None), nn.Linear) and isinstance(getattr(mixer, "out", None), nn.Linear))
 
 
 def _set_moving_average(rnn: nn.LSTM | nn.GRU, decays: tuple[float, ...], scale: float) -> None:
@@ -135,8 +148,42 @@ def initialise_from_teacher(student: nn.Module, data: Iterable, *, batches: int 
     chosen: dict[str, list[float]] = {}
     with torch.no_grad():
         for w in wrappers:
-            chosen[w.site.name] = _fit_site(w, records[w.site.name], decays, scale, ridge)
+            fit = _fit_conv if _is_conv(w.mixer) else _fit_site
+            chosen[w.site.name] = fit(w, records[w.site.name], decays, scale, ridge)
     return chosen
+
+
+def _least_squares(features: torch.Tensor, goal: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+    """[weights; bias] minimising |[features, 1] @ solution - goal|^2 (+ ridge), and the error."""
+    a = torch.cat([features, torch.ones(features.shape[0], 1, dtype=features.dtype)], dim=1)
+    gram = a.T @ a
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    solution = torch.linalg.solve(gram, a.T @ goal)
+    return solution, float((a @ solution - goal).pow(2).sum())
+
+
+def _fit_conv(wrapper: ReplacedAttention, records: list, decays, scale: float, ridge: float) -> list[float]:
+    mixer = wrapper.mixer
+    weight, bias = value_projection(wrapper)
+    if mixer.pre_proj.weight.shape != weight.shape or mixer.out.weight.shape[0] != weight.shape[0]:
+        return []
+    mixer.pre_proj.weight.copy_(weight)
+    mixer.pre_proj.bias.copy_(bias if bias is not None else torch.zeros_like(mixer.pre_proj.bias))
+    for conv in mixer.convs:
+        conv.weight.zero_()
+        if conv.bias is not None:
+            conv.bias.zero_()
+    features, goals = [], []
+    for hidden, mask, target in records:
+        x = mixer.pre_proj(hidden)
+        if mask is not None:
+            x, target = x[mask.bool()], target[mask.bool()]
+        features.append(x.reshape(-1, x.shape[-1]))
+        goals.append(target.reshape(-1, target.shape[-1]))
+    solution, _ = _least_squares(torch.cat(features).double(), torch.cat(goals).double(), ridge)
+    mixer.out.weight.copy_(solution[:-1].T.to(mixer.out.weight.dtype))
+    mixer.out.bias.copy_(solution[-1].to(mixer.out.bias.dtype))
+    return [0.0]
 
 
 def _fit_site(wrapper: ReplacedAttention, records: list, decays, scale: float, ridge: float) -> list[float]:
@@ -175,11 +222,7 @@ def _fit_site(wrapper: ReplacedAttention, records: list, decays, scale: float, r
         pairs = [(a, b) for a in decays for b in decays] if directions == 2 else [(a,) for a in decays]
         for pair in pairs:
             parts = [by_decay[d][:, i * hidden:(i + 1) * hidden] for i, d in enumerate(pair)]
-            a = torch.cat(parts + [torch.ones(goal_rows.shape[0], 1, dtype=goal_rows.dtype)], dim=1)
-            gram = a.T @ a
-            gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-            solution = torch.linalg.solve(gram, a.T @ goal_rows)
-            error = float((a @ solution - goal_rows).pow(2).sum())
+            solution, error = _least_squares(torch.cat(parts, dim=1), goal_rows, ridge)
             if best is None or error < best[0]:
                 best = (error, pair, solution)
         _, pair, solution = best
