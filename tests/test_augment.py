@@ -5,9 +5,7 @@ in the teacher), the EMA (timm.utils.ModelEmaV3) saved and used, and resume with
 import dataclasses
 import hashlib
 import json
-import os
 import random
-import signal
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from surgery.distill import DistillConfig
 from surgery.distill.augment import build_mixup, classification_loss, transform_batch
 from surgery.errors import DataError
 from surgery.progress import NullProgress
+from test_distill import _TermAt
 
 REGULARISED = dict(mode="e2e", train="all", site_weight=0.0, train_mode=True, mixup=0.8, cutmix=1.0,
                    label_smoothing=0.1, ema_decay=0.9)
@@ -221,15 +220,6 @@ def test_ema_is_the_average_of_the_trained_weights_and_is_what_gets_saved(tmp_pa
 
 
 # ------------------------------------------------------------------------------------- resume
-
-class _TermAt(NullProgress):
-    def __init__(self, step):
-        self.step = step
-
-    def update(self, step, metrics):
-        if step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
 
 def test_resume_with_mixup_ema_and_drop_path_equals_uninterrupted(tmp_path):
     settings = dict(steps=8, lr=3e-3, checkpoint_every=3, log_every=1, **REGULARISED)
