@@ -252,7 +252,7 @@ def pack_sentences(paragraphs: Sequence[str], tokenizer, max_tokens: int) -> lis
     budget = max_tokens - 2
     pieces = []
     for paragraph in paragraphs:
-        encoded = tokenizer(paragraph, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = tokenizer(paragraph, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         offsets = encoded["offset_mapping"]
         start = 0
         while start < len(offsets):
