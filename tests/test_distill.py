@@ -11,7 +11,7 @@ import torch
 import surgery
 from models import build
 from surgery.distill import DistillConfig, evaluate_fidelity
-from surgery.distill.fastpath import batched_forward, supports
+from surgery.distill.fastpath import batched_forward, site_forward, supports
 from surgery.errors import DataError, SurgeryError, TrainingDivergedError
 from surgery.progress import NullProgress
 from surgery.swap import replaced_sites
@@ -92,9 +92,12 @@ def test_freeze_keeps_matching_parameters_out_of_training():
         surgery.distill(None, model, bert_data(), mode="e2e", train="all", steps=1, freeze="*.no_such.*")
 
 
-@pytest.mark.parametrize("case", ["timm_vit", "hf_bert"])
-def test_batched_lstm_path_equals_module_forward(case):
-    model = replaced(case)
+@pytest.mark.parametrize("case, replacement", [("timm_vit", "mhlstm"), ("hf_bert", "mhlstm"), ("hf_bert", "gru"),
+                                                ("hf_gpt2", "gru"), ("hf_gpt2", "mhlstm")])
+def test_batched_recurrent_path_equals_module_forward(case, replacement):
+    """One batched recurrence (bidirectional, or forward-only at causal sites) = the per-head modules,
+    outputs and input gradients, with and without right padding."""
+    model = replaced(case, replacement)
     mixers = [w.mixer for w in replaced_sites(model)]
     assert all(supports(m) for m in mixers)
     dim = mixers[0].shape.input_dim
@@ -108,6 +111,16 @@ def test_batched_lstm_path_equals_module_forward(case):
         grads_got = torch.autograd.grad(sum(g.square().sum() for g in got), inputs)
         for e, g in zip(expected + list(grads_expected), got + list(grads_got)):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_site_forward_keeps_lstm_and_gru_mixers_in_separate_recurrences():
+    lstm = [w.mixer for w in replaced_sites(replaced("hf_bert", "mhlstm"))]
+    gru = [w.mixer for w in replaced_sites(replaced("hf_bert", "gru"))]
+    mixers = [lstm[0], gru[0], lstm[1], gru[1]]
+    inputs = [torch.randn(2, 7, m.shape.input_dim) for m in mixers]
+    got = site_forward(mixers, inputs, [None] * 4)
+    for m, x, g in zip(mixers, inputs, got):
+        torch.testing.assert_close(g, type(m).forward(m, x, None), rtol=1e-5, atol=1e-6)
 
 
 def test_nan_loss_names_site_and_step_and_keeps_last_good_checkpoint(tmp_path):
@@ -223,23 +236,36 @@ def test_config_knows_every_setting():
     assert DistillConfig(mode="e2e").key() != DistillConfig().key()
 
 
-def test_teacher_cache_gives_the_same_result_and_skips_the_teacher(tmp_path):
+@pytest.mark.parametrize("mode, extra", [("blockwise", {}), ("e2e", {"train": "all", "other_lr_scale": 0.3})])
+def test_teacher_cache_gives_the_same_result_and_skips_the_teacher(tmp_path, mode, extra, monkeypatch):
+    from surgery.distill import engine
     from surgery.distill.cache import TeacherCache
 
+    teacher_calls = []
+    real_forward = engine._Trainer._teacher_forward
+    monkeypatch.setattr(engine._Trainer, "_teacher_forward",
+                        lambda self, args, kwargs: teacher_calls.append(1) or real_forward(self, args, kwargs))
     plain = replaced("hf_bert")
     initial = {k: v.clone() for k, v in plain.state_dict().items()}
-    expected = surgery.distill(None, plain, bert_data(batches=3), steps=9, lr=3e-3)
+    expected = surgery.distill(None, plain, bert_data(batches=3), mode=mode, steps=9, lr=3e-3, **extra)
+    assert len(teacher_calls) == 1 + 9  # the data check, then every step
+    teacher_calls.clear()
     cached = replaced("hf_bert")
     cached.load_state_dict(initial)
-    got = surgery.distill(None, cached, bert_data(batches=3), steps=9, lr=3e-3, cache=str(tmp_path / "cache"),
-                          cache_megabytes=0.001)
+    got = surgery.distill(None, cached, bert_data(batches=3), mode=mode, steps=9, lr=3e-3,
+                          cache=str(tmp_path / "cache"), cache_megabytes=0.001, **extra)
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(cached.state_dict()[key], value, rtol=0, atol=1e-6)
     assert got.sites[0].relative_mse_after == pytest.approx(expected.sites[0].relative_mse_after, rel=1e-5)
+    assert len(teacher_calls) == 1 + 3  # the data check, then epoch 1 only: the other 6 steps read the cache
     cache = TeacherCache(tmp_path / "cache" / "rank0", writer=False)
     assert len(cache.index) == 3 and len(list((tmp_path / "cache" / "rank0").glob("shard_*.safetensors"))) >= 3
-    with pytest.raises(surgery.SurgeryError, match="blockwise"):
-        surgery.distill(None, cached, bert_data(), mode="e2e", steps=2, cache=str(tmp_path / "c2"))
+
+
+def test_teacher_cache_refuses_batches_mixed_anew_every_step(tmp_path):
+    with pytest.raises(surgery.SurgeryError, match="cache never hits with mixup"):
+        surgery.distill(None, replaced("timm_vit"), vit_data(labels=True), mode="e2e", steps=2, mixup=0.8,
+                        cache=str(tmp_path / "c"))
 
 
 def test_fast_path_falls_back_without_recursing_on_pruned_mixers():

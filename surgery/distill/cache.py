@@ -3,8 +3,10 @@ and target context), stored on disk in safetensors shards so later epochs skip t
 
 Batches are recognised by a digest of their input tensors, so a reshuffled epoch still hits. Memory
 stays bounded: records are buffered until ``shard_megabytes`` and then written as one shard
-(atomically); reads open only the tensors of the batch asked for. Used by block-wise (teacher-forced)
-distillation, which needs nothing else from the teacher.
+(atomically); reads open only the tensors of the batch asked for. Block-wise (teacher-forced)
+distillation stores each site's input, mask and target, which is all it needs from the teacher;
+end-to-end distillation stores each site's mask and target plus the teacher's main output (the
+student feeds its own inputs), see ``surgery.distill.engine``.
 """
 
 from __future__ import annotations

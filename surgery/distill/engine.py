@@ -46,7 +46,7 @@ from torch import nn
 from surgery.data import Batches, data_from_spec, padding_mask_of, split_batch, to_device
 from surgery.distill import augment
 from surgery.distill.cache import TeacherCache, batch_digest
-from surgery.distill.capture import StudentCapture, TeacherCapture
+from surgery.distill.capture import SiteRecord, StudentCapture, TeacherCapture
 from surgery.distill.fastpath import fast_mixers, site_forward
 from surgery.distill.distributed import World, all_mean, average_gradients, barrier, init_from_env, shutdown
 from surgery.distill.fidelity import (
@@ -251,6 +251,26 @@ def _task_loss(student_out: Any, teacher_out: Any, labels: torch.Tensor | None, 
     return F.mse_loss(student_main.float(), teacher_main.float())
 
 
+#: the cache's name for the teacher's main output (end-to-end mode stores it beside the sites)
+TEACHER_OUTPUT = "__teacher_output__"
+
+
+def _cache_key(mode: str, args: tuple, kwargs: dict) -> str:
+    # e2e records differ from block-wise ones (no site inputs, plus the output): never mix them up
+    digest = batch_digest(args, kwargs)
+    return digest if mode == "blockwise" else f"{mode}-{digest}"
+
+
+def _cache_records(mode: str, records: dict[str, SiteRecord], teacher_out: Any) -> dict[str, SiteRecord]:
+    """What a later epoch needs from the teacher: block-wise, each site's input, mask and target;
+    end to end, each site's mask and target (the student feeds its own inputs) and the main output."""
+    if mode == "blockwise":
+        return records
+    kept = {name: SiteRecord(None, r.mask, r.target) for name, r in records.items()}
+    kept[TEACHER_OUTPUT] = SiteRecord(None, None, main_output(teacher_out))
+    return kept
+
+
 def _shards(data: Iterable, world: World, start_epoch: int, start_index: int) -> Iterator[tuple[int, int, Any]]:
     """Endless (epoch, consumed-in-epoch, batch) for this rank: batch i of an epoch goes to rank
     i % world; a resume skips the batches the checkpoint already consumed."""
@@ -355,8 +375,12 @@ def distill(
             train ("replacements" | "all"), seq_len, eval_batches, checkpoint_every, log_every,
             max_seconds (stop early, after a checkpoint), labelled, init ("teacher": start multi-head
             LSTMs from the originals' value projections and a least-squares fit, see
-            ``surgery.distill.init``), init_batches, fast (batched multi-head LSTM
-            recurrence, same results; see ``surgery.distill.fastpath``).
+            ``surgery.distill.init``), init_batches, fast (batched multi-head LSTM / GRU
+            recurrence, same results; see ``surgery.distill.fastpath``), cache (a directory, or "run"
+            for ``run_dir/teacher_cache``: what the teacher computed for each batch is stored on disk
+            in safetensors shards of about cache_megabytes, so later epochs skip the teacher forward;
+            block-wise stores each site's input and target, e2e each site's target and the teacher's
+            output; same results; not with mixup/cutmix, whose batches never repeat).
             Regularisers (all off by default; see ``surgery.distill.augment``): train_mode (the student
             trains in train mode, so drop-path / dropout act; the teacher always runs in eval mode),
             mixup and cutmix (``timm.data.Mixup`` alphas, with mixup_prob, mixup_switch_prob; needs
@@ -637,9 +661,9 @@ class _Trainer:
 
         cache = None
         if config.cache:
-            if config.mode != "blockwise":
-                raise SurgeryError("the teacher cache serves mode='blockwise' only (e2e needs the teacher's "
-                                   "outputs on the student's own path)")
+            if mix is not None:
+                raise SurgeryError("cache never hits with mixup/cutmix or a batch transform (every mixed batch is "
+                                   "new); drop cache or the mixing")
             directory = (run.path / "teacher_cache") if config.cache == "run" and run is not None else config.cache
             if directory == "run":
                 raise SurgeryError("cache='run' needs run_dir")
@@ -662,16 +686,17 @@ class _Trainer:
                     images, labels = augment.transform_batch(mix, args[0], labels, seed=config.seed, step=step,
                                                              rank=world.rank)
                     args = (images,)
-                cached = None
-                if cache is not None and scales is not None:
-                    key = batch_digest(args, kwargs)
-                    cached = cache.get(key, self.device)
+                cached, key = None, None
+                if cache is not None:
+                    key = _cache_key(config.mode, args, kwargs)
+                    cached = cache.get(key, self.device) if scales is not None else None
                 if cached is not None:
-                    capture.records, teacher_out = cached, None
+                    output = cached.pop(TEACHER_OUTPUT, None)
+                    capture.records, teacher_out = cached, (output.target if output is not None else None)
                 else:
                     teacher_out = capture.run(lambda: self._teacher_forward(args, kwargs))
                     if cache is not None:
-                        cache.put(batch_digest(args, kwargs), capture.records)
+                        cache.put(key, _cache_records(config.mode, capture.records, teacher_out))
                 if scales is None:
                     scales, hidden_scale = self._measure_scales(capture, teacher_out, kwargs)
                 site_losses, task = self._losses(capture, teacher_out, args, kwargs, labels, scales, hidden_scale)
