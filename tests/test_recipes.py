@@ -158,6 +158,7 @@ def test_minilm_recipe_end_to_end(tmp_path):
     assert -1 <= student["embedding_cosine"] <= 1 and math.isfinite(student["embedding_cosine"])
     assert 0 <= student["retrieval_top1"] <= student["retrieval_top5"] <= 100
     assert (tmp_path / "conv" / "e2e" / "manifest.json").is_file() and (tmp_path / "report.json").is_file()
+    assert not (tmp_path / "conv" / "e2e" / "teacher_cache").exists()  # removed once the phase is done
 
 
 def test_minilm_rejects_a_missing_text_source(tmp_path):
