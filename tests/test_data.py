@@ -38,6 +38,23 @@ def test_batches_are_deterministic_per_epoch():
         Batches(2, lambda idx: idx, batch_size=4)
 
 
+def test_fixed_batches_repeat_every_epoch_in_a_new_order():
+    data = Batches(12, lambda idx: tuple(idx), batch_size=3, shuffle="batches", seed=1)
+    epochs = []
+    for epoch in range(4):
+        data.set_epoch(epoch)
+        epochs.append(list(data))
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)          # the same batches
+    assert any(e != epochs[0] for e in epochs[1:])                       # in new orders
+    assert sorted(i for b in epochs[0] for i in b) == list(range(12))
+    assert epochs[0] != [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]  # formed from shuffled samples
+    reshuffled = Batches(12, lambda idx: tuple(idx), batch_size=3, seed=1)
+    reshuffled.set_epoch(1)
+    assert sorted(reshuffled) != sorted(epochs[0])
+    with pytest.raises(DataError, match="shuffle must be"):
+        Batches(12, lambda idx: idx, batch_size=3, shuffle="samples")
+
+
 def test_builtin_text_holds_out_whole_topics():
     train, held = builtin_text("train"), builtin_text("heldout")
     assert len(train) > 5 * len(held) > 0
@@ -68,7 +85,8 @@ def test_python_text_adds_stdlib_docstrings_and_keeps_the_held_out_split_unseen(
     from surgery.models import load_model
 
     model = load_model("minilm")
-    assert data_from_spec("text:python", model, batch_size=8).size > 3 * data_from_spec("text:builtin", model, batch_size=8).size
+    builtin_size = data_from_spec("text:builtin", model, batch_size=8).size
+    assert data_from_spec("text:python", model, batch_size=8).size > 3 * builtin_size
     held = data_from_spec("text:python", model, "heldout", batch_size=8)
     assert 150 < held.size <= data_from_spec("text:builtin", model, "heldout", batch_size=8).size
 

@@ -262,6 +262,38 @@ def test_teacher_cache_gives_the_same_result_and_skips_the_teacher(tmp_path, mod
     assert len(cache.index) == 3 and len(list((tmp_path / "cache" / "rank0").glob("shard_*.safetensors"))) >= 3
 
 
+@pytest.mark.parametrize("shuffle", [True, "batches"])
+def test_teacher_cache_hits_only_when_epochs_repeat_their_batches(tmp_path, shuffle):
+    """Reshuffled samples make new batches every epoch, which a content-keyed cache cannot serve: the
+    run says so once; with fixed batches (shuffle="batches") later epochs read the cache."""
+    from surgery.data import Batches
+
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    data = Batches(12, lambda idx: images[idx], batch_size=4, shuffle=shuffle, seed=0)
+    messages = []
+
+    class Messages(NullProgress):
+        def message(self, text):
+            messages.append(text)
+
+    model = replaced("timm_vit")
+    surgery.distill(None, model, data, steps=12, lr=1e-3, cache=str(tmp_path / str(shuffle)),
+                    progress=Messages())
+    warned = [m for m in messages if m.startswith("teacher cache: batches of this epoch are not in the cache")]
+    assert len(warned) == (1 if shuffle is True else 0)
+
+
+def test_spec_data_keeps_its_batches_fixed_when_cached(tmp_path, monkeypatch):
+    from surgery.distill import engine
+
+    seen = []
+    real = engine.data_from_spec
+    monkeypatch.setattr(engine, "data_from_spec", lambda *a, **k: seen.append(k["fixed_batches"]) or real(*a, **k))
+    surgery.distill(None, replaced("timm_vit"), "mnist", steps=1, eval_batches=1, cache=str(tmp_path / "c"))
+    surgery.distill(None, replaced("timm_vit"), "mnist", steps=1, eval_batches=1)
+    assert seen[0] is True and seen[-1] is False
+
+
 def test_teacher_cache_refuses_batches_mixed_anew_every_step(tmp_path):
     with pytest.raises(surgery.SurgeryError, match="cache never hits with mixup"):
         surgery.distill(None, replaced("timm_vit"), vit_data(labels=True), mode="e2e", steps=2, mixup=0.8,

@@ -15,7 +15,8 @@ from surgery.cli.common import (
 from surgery.progress import NullProgress
 
 DataOption = Annotated[Optional[str], typer.Option(
-    "--data", "-d", help="Training data: text:builtin, text:PATH, mnist, images:PATH, timm:NAME[:ROOT] or random.")]
+    "--data", "-d", help="Training data: text:builtin, text:python, text:PATH, mnist, images:PATH, "
+                         "timm:NAME[:ROOT] or random.")]
 StepsOption = Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps of this stage.")]
 ModeOption = Annotated[Optional[str], typer.Option(
     "--mode", help="blockwise (teacher-forced, each replacement fed the teacher's input) or e2e.")]

@@ -32,7 +32,7 @@ def prune_command(
     skip_unprunable: Annotated[bool, typer.Option(
         "--skip-unprunable", help="Leave sites whose replacement has no pruner instead of refusing.")] = False,
     data: Annotated[Optional[str], typer.Option(
-        help="Data spec for Taylor importance and recovery: text:builtin, text:PATH, mnist, images:PATH, "
+        help="Data spec for Taylor importance and recovery: text:builtin, text:python, text:PATH, mnist, images:PATH, "
              "random (default: the data RUN was distilled on, if recorded).")] = None,
     recover_steps: Annotated[int, typer.Option(
         "--recover-steps", help="Distillation steps after pruning (needs --data).")] = 0,

@@ -1,7 +1,9 @@
 """Teacher activation cache: what the teacher computed for a batch (each site's input, padding mask
 and target context), stored on disk in safetensors shards so later epochs skip the teacher forward.
 
-Batches are recognised by a digest of their input tensors, so a reshuffled epoch still hits. Memory
+Batches are recognised by a digest of their input tensors, so an epoch that repeats the same batches
+in another order still hits; one whose samples were reshuffled into new batches does not (built-in
+data keeps its batches fixed when a cache is used: ``Batches(shuffle="batches")``). Memory
 stays bounded: records are buffered until ``shard_megabytes`` and then written as one shard
 (atomically); reads open only the tensors of the batch asked for. Block-wise (teacher-forced)
 distillation stores each site's input, mask and target, which is all it needs from the teacher;

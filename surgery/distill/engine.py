@@ -478,8 +478,10 @@ class _Trainer:
 
     def _resolve_data(self, data, split: str):
         if isinstance(data, str):
+            # a cache is keyed by the batch's content: it hits only if later epochs repeat the batches
             return data_from_spec(data, self.student, split, batch_size=self.config.batch_size,
-                                  seq_len=self.config.seq_len, seed=self.config.seed)
+                                  seq_len=self.config.seq_len, seed=self.config.seed,
+                                  fixed_batches=bool(self.config.cache))
         return data
 
     # -------------------------------------------------------------------------------- set-up
@@ -669,6 +671,7 @@ class _Trainer:
                 raise SurgeryError("cache='run' needs run_dir")
             cache = TeacherCache(Path(directory) / f"rank{world.rank}", config.cache_megabytes)
         self.cache = cache
+        cache_warned = False
         if config.train_mode:
             self.student.train()  # drop-path / dropout act; _teacher_forward keeps the teacher in eval mode
         with capture, _SignalGuard() as guard:
@@ -690,6 +693,12 @@ class _Trainer:
                 if cache is not None:
                     key = _cache_key(config.mode, args, kwargs)
                     cached = cache.get(key, self.device) if scales is not None else None
+                if cache is not None and cached is None and epoch_ > epoch and not cache_warned and cache.hits == 0 \
+                        and cache.misses >= 8:
+                    cache_warned = True
+                    self.progress.message("teacher cache: batches of this epoch are not in the cache (the data "
+                                          "makes new batches every epoch); it only costs time and disk here: use "
+                                          "spec data, Batches(shuffle='batches') or fixed batches, or drop cache")
                 if cached is not None:
                     output = cached.pop(TEACHER_OUTPUT, None)
                     capture.records, teacher_out = cached, (output.target if output is not None else None)
