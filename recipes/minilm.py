@@ -1,9 +1,10 @@
 """The MiniLM recipe: the real all-MiniLM-L6-v2 sentence encoder with all 6 attention layers replaced.
 
 For each replacement, a fresh copy of the bundled pretrained model has every self-attention block
-replaced, then the replacements are distilled on offline text (Python's own documentation by
-default, ``text:builtin``; or ``text:PATH``). Multi-head LSTM and GRU sites start from the teacher
-(``init="teacher"``: value projection + per-head moving averages fitted by least squares, see
+replaced, then the replacements are distilled on offline text (Python's own documentation and the
+standard library's docstrings by default, ``text:python``; or ``text:builtin``, ``text:PATH``).
+Multi-head LSTM and GRU sites start from the teacher (``init="teacher"``: value projection +
+per-head moving averages fitted by least squares, see
 ``surgery.distill.init``); an optional teacher-forced phase ("blockwise", every site learns its own
 attention's output in parallel) comes next, then end to end with every weight free (the student on
 its own activations, site MSE + final hidden-state and sentence-embedding terms; the new mixers at
@@ -42,13 +43,13 @@ class MinilmConfig:
 
     replacements: str = "mhlstm,gru,conv"
     model: str = "minilm"
-    data: str = "text:builtin"
+    data: str = "text:python"
     init: str = "teacher"
     init_batches: int = 12
     blockwise_steps: int = 0
     blockwise_lr: float = 2e-3
     e2e_steps: int = 600
-    e2e_lr: float = 1e-3
+    e2e_lr: float = 2e-3
     other_lr_scale: float = 0.2
     site_weight: float = 0.1
     freeze: str = "*.word_embeddings.*"
