@@ -54,7 +54,8 @@ def batched_forward(mixers: list[nn.Module], inputs: list[torch.Tensor], mask: t
     """Run several multi-head LSTM (or GRU) mixers (same batch shape) in one recurrence.
 
     Args:
-        mixers: mixers for which ``supports`` is True, of one cell type, all bidirectional or all not.
+        mixers: mixers for which ``supports`` is True, of one cell type, all bidirectional or all
+            not.
         inputs: their inputs [B, N, D_i].
         mask: the shared padding mask [B, N] (True = real token) or None.
 
