@@ -122,10 +122,11 @@ def batched_forward(mixers: list[nn.Module], inputs: list[torch.Tensor], mask: t
             h_r, h_z, h_n = torch.baddbmm(b_hh, h, w_hh_t).chunk(3, dim=-1)
             r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
             n = torch.tanh(x_n + r * h_n)
-            h_new, c_new = n + z * (h - n), c
+            h_new, c_new = n + z * (h - n), c      # a GRU has no cell state: c stays zeros
         if step_mask is not None:
             m = masks[t]
-            c = c_new * m + c * (1 - m)
+            if lstm:
+                c = c_new * m + c * (1 - m)
             h = h_new * m + h * (1 - m)
             outputs.append(h_new * m)
         else:
