@@ -1,0 +1,228 @@
+"""Text sources (Python's documentation, the standard library's docstrings, text files) and their
+tokenised batches: paragraphs packed into pieces of at most ``seq_len`` tokens."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from surgery.data.batches import Batches
+from surgery.errors import DataError
+
+
+def builtin_text(split: str = "train") -> list[str]:
+    """Paragraphs of Python's bundled documentation (``pydoc_data.topics``); every 8th topic
+    (sorted by name) is the held-out split, so training never sees held-out topics.
+
+    Example:
+        >>> len(builtin_text("heldout")) > 50
+        True
+    """
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    held = [p for i, n in enumerate(names) if i % 8 == 7 for p in _paragraphs(topics[n])]
+    if split != "train":
+        return held
+    # boilerplate paragraphs ("New in version 3.3.") recur across topics: keep them out of training
+    held_set = set(held)
+    return [p for i, n in enumerate(names) if i % 8 != 7 for p in _paragraphs(topics[n]) if p not in held_set]
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_docstrings() -> tuple[str, ...]:
+    """Paragraphs (8+ words, no doctest lines) of the docstrings in this Python's standard-library
+    sources: modules, public classes and functions. Read with ``ast``: nothing is imported or run.
+    Tests, IDLE, tkinter and private packages are skipped; repeated paragraphs are kept once.
+
+    Example:
+        >>> len(stdlib_docstrings()) > 1000
+        True
+    """
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages",
+               "dist-packages", "pydoc_data", "venv"}
+    found: dict[str, None] = {}
+    for file in sorted(root.rglob("*.py")):
+        parts = file.relative_to(root).parts
+        if parts[0] in skipped or parts[0].startswith("config-") \
+                or any(p.startswith(("_", "test")) for p in parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree)
+                          if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                          and not n.name.startswith("_")]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            for block in re.split(r"\n\s*\n", doc or ""):
+                if len(block.split()) >= 8 and ">>>" not in block:
+                    found[" ".join(block.split())] = None
+    return tuple(found)
+
+
+def python_text(split: str = "train") -> list[str]:
+    """``builtin_text`` plus, for training, the standard library's docstrings (``stdlib_docstrings``,
+    about three times as much text). The held-out split is ``builtin_text``'s own; a docstring
+    paragraph that shares any run of 8 words with it is left out, so held-out text stays unseen.
+
+    Example:
+        >>> len(python_text("train")) > 2 * len(builtin_text("train"))
+        True
+    """
+    held = builtin_text("heldout")
+    return held if split != "train" else builtin_text("train") + list(_unseen_docstrings())
+
+
+@functools.lru_cache(maxsize=1)
+def _unseen_docstrings() -> tuple[str, ...]:
+    """``stdlib_docstrings`` less any paragraph sharing a run of 8 words with the held-out topics
+    (computed once: a spec builds its train and held-out splits from it)."""
+    held = builtin_text("heldout")
+
+    def runs_of_8(paragraph: str) -> set[tuple[str, ...]]:
+        words = paragraph.lower().split()
+        return {tuple(words[i:i + 8]) for i in range(len(words) - 7)}
+
+    shingles = set().union(*map(runs_of_8, held))
+
+    def overlaps(paragraph: str) -> bool:
+        return not shingles.isdisjoint(runs_of_8(paragraph))
+
+    return tuple(p for p in stdlib_docstrings() if not overlaps(p))
+
+
+def file_text(path: str | Path, split: str = "train") -> list[str]:
+    """Paragraphs of a UTF-8 text file or a folder of ``*.txt`` files; every 10th is held out."""
+    path = Path(path)
+    files = sorted(path.glob("**/*.txt")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise DataError(f"text source {str(path)!r} does not exist or holds no .txt files; "
+                        "give a text file, a folder of .txt files, or text:builtin")
+    paragraphs = []
+    for file in files:
+        try:
+            paragraphs += _paragraphs(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{file} is not UTF-8 text") from None
+    chosen = [p for i, p in enumerate(paragraphs) if (i % 10 == 9) == (split != "train")]
+    if not chosen:
+        raise DataError(f"text source {str(path)!r} has too little text ({len(paragraphs)} paragraphs)")
+    return chosen
+
+
+def _paragraphs(text: str) -> list[str]:
+    blocks = re.split(r"\n\s*\n", text)
+    return [" ".join(b.split()) for b in blocks if len(b.split()) >= 4]
+
+
+def sentences(paragraphs: Iterable[str], min_words: int = 5, max_words: int = 60) -> list[str]:
+    """Split paragraphs into sentences of ``min_words``..``max_words`` words (evaluation text)."""
+    found = []
+    for paragraph in paragraphs:
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph):
+            words = sentence.split()
+            if min_words <= len(words) <= max_words:
+                found.append(sentence)
+    return found
+
+
+def tokenizer_for(model: nn.Module):
+    """The HuggingFace tokenizer that belongs to ``model`` (bundled MiniLM or an ``hf:<dir>`` model)."""
+    source = getattr(model, "surgery_source", None)
+    location = None
+    if source == "minilm":
+        from surgery.models import minilm_path
+
+        location = str(minilm_path())
+    elif isinstance(source, str) and source.startswith("hf:"):
+        location = source[3:]
+    elif getattr(getattr(model, "config", None), "_name_or_path", None):
+        location = model.config._name_or_path
+    if not location:
+        raise DataError(f"text data needs the model's tokenizer, and {type(model).__name__} has none; "
+                        "use a HuggingFace model (minilm, hf:<dir>) or pass tokenised batches")
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(location, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot load a tokenizer from {location!r} offline "
+                        f"({str(error).splitlines()[0][:100]})") from None
+
+
+def pack_sentences(paragraphs: Sequence[str], tokenizer, max_tokens: int) -> list[str]:
+    """Cut each paragraph into pieces of at most ``max_tokens`` tokens (special tokens included),
+    ending a piece after a sentence end when one lies in its second half, so training sees natural,
+    variable-length text and no text is lost to truncation."""
+    budget = max_tokens - 2
+    pieces = []
+    for paragraph in paragraphs:
+        encoded = tokenizer(paragraph, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets = encoded["offset_mapping"]
+        start = 0
+        while start < len(offsets):
+            end = min(start + budget, len(offsets))
+            if end < len(offsets):
+                for cut in range(end, start + budget // 2, -1):
+                    if paragraph[offsets[cut - 1][1] - 1] in ".!?":
+                        end = cut
+                        break
+            piece = paragraph[offsets[start][0]:offsets[end - 1][1]].strip()
+            if len(piece.split()) >= 3:
+                pieces.append(piece)
+            start = end
+    return pieces
+
+
+def text_batches(model: nn.Module, texts: Sequence[str], *, batch_size: int = 16, seq_len: int = 64,
+                 shuffle: bool | str = True, seed: int = 0, drop_last: bool = True, tokenizer=None,
+                 pack: bool = True) -> Batches:
+    """Tokenised text batches ``{"input_ids", "attention_mask"[, "token_type_ids"]}`` for ``model``.
+
+    Args:
+        model: the (HuggingFace) model whose tokenizer to use.
+        texts: paragraphs or sentences.
+        batch_size, seq_len: batch shape (sequences are padded to the longest in their batch).
+        shuffle, seed, drop_last: see ``Batches``.
+        tokenizer: a tokenizer to use instead of the model's own.
+        pack: join consecutive sentences up to ``seq_len`` tokens (False: one text per sample).
+
+    Example:
+        >>> from surgery.models import load_model
+        >>> model = load_model("minilm")
+        >>> batch = next(iter(text_batches(model, builtin_text("heldout"), batch_size=2)))
+        >>> sorted(batch)
+        ['attention_mask', 'input_ids', 'token_type_ids']
+    """
+    tokenizer = tokenizer or tokenizer_for(model)
+    pieces = pack_sentences(texts, tokenizer, seq_len) if pack else list(texts)
+    encoded = [tokenizer(p, truncation=True, max_length=seq_len)["input_ids"] for p in pieces]
+    pad = tokenizer.pad_token_id or 0
+    with_types = "token_type_ids" in tokenizer.model_input_names
+
+    def make(indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [encoded[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, row in enumerate(rows):
+            ids[k, :len(row)] = torch.tensor(row)
+            mask[k, :len(row)] = 1
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if with_types:
+            batch["token_type_ids"] = torch.zeros_like(ids)
+        return batch
+
+    return Batches(len(encoded), make, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                   description=f"{len(encoded)} text pieces")
