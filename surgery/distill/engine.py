@@ -164,8 +164,23 @@ class DistillResult:
         return dataclasses.asdict(self)
 
 
-class _StopRequested(Exception):
-    pass
+@dataclass
+class _LoopState:
+    """Where one stage's loop stands: what a checkpoint stores and what the steps share."""
+
+    step: int = 0
+    epoch: int = 0          # data position of the last batch used (``_shards``' epoch and count)
+    consumed: int = 0
+    start_epoch: int = 0    # the epoch the loop started in (the cache's "batches do not repeat" note)
+    scales: dict[str, float] | None = None   # per-site mean squared teacher context (first batch)
+    hidden_scale: float = 1.0
+    before: FidelityReport | None = None
+    resumed_from: int = 0
+    last_saved: int = 0
+    started: float = 0.0    # time.monotonic() when the clock of max_seconds started
+    metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+    cache_warned: bool = False
 
 
 class _SignalGuard:
@@ -570,7 +585,46 @@ class _Trainer:
                 p.requires_grad_(flags.get(id(p), True))
 
     def _loop(self, named, params) -> DistillResult:
-        config, world, run = self.config, self.world, self.rundir
+        config = self.config
+        self.named, self.params = named, params
+        self.optimizer, self.scheduler = self._optimizer(params)
+        state, checkpoint = self._open_stage()
+        batches = _shards(self.data, self.world, state.epoch, state.consumed)
+        state.started = time.monotonic()
+        first = self._first_batch(batches) if state.step < config.steps else None
+        if state.before is None:
+            # a fresh stage only: a resumed one restores the initialised (and trained) weights
+            state.before = self._evaluate()
+            self._initialise()
+        # the EMA copies the student after any initialisation and before the capture hooks exist
+        self.ema = self._build_ema(checkpoint)
+        self.mix = self._build_mix(state)
+        self.cache = self._build_cache()
+        self.capture = TeacherCapture(self.student, self.teacher)
+        self.progress.start(config.steps, f"distill ({config.mode})", completed=state.step)
+        if state.resumed_from:
+            self.progress.message(f"resumed at step {state.resumed_from} from {self.rundir.checkpoint_path}")
+        if config.train_mode:
+            self.student.train()  # drop-path / dropout act; _teacher_forward keeps the teacher in eval mode
+        with self.capture, _SignalGuard() as guard:
+            while state.step < config.steps:
+                if first is not None:
+                    (epoch, consumed, batch), first = first, None
+                else:
+                    epoch, consumed, batch = next(batches)
+                    batch = to_device(batch, self.device)
+                state.epoch, state.consumed = epoch, consumed
+                self._train_step(state, batch)
+                if self._after_step(state, guard):
+                    break
+        self.progress.finish()
+        return self._finish(state)
+
+    # -------------------------------------------------------------------------------- loop steps
+    def _optimizer(self, params):
+        """AdamW over the trainable parameters (mixers at lr, the rest at lr x other_lr_scale) and its
+        warm-up + cosine schedule."""
+        config = self.config
         mixer_ids = {id(p) for w in self.wrappers.values() for p in w.mixer.parameters()}
         groups = [{"params": [p for p in params if id(p) in mixer_ids], "lr": config.lr}]
         others = [p for p in params if id(p) not in mixer_ids]
@@ -579,204 +633,241 @@ class _Trainer:
             groups.append({"params": others, "lr": config.lr * config.other_lr_scale})
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-        checkpoint = run.load_checkpoint() if (run is not None and self.resume) else None
-        stage = config.key()
-        step, epoch, consumed, scales, before, hidden_scale = 0, 0, 0, None, None, 1.0
-        if checkpoint is not None:
-            if checkpoint["stage"] != stage:
-                raise SurgeryError(f"the checkpoint in {run.path} belongs to other settings (stage "
-                                   f"{checkpoint['stage']} vs {stage}); resume with the same settings or "
-                                   "start without --resume")
-            by_name = dict(named)
-            missing = [k for k in checkpoint["params"] if k not in by_name]
-            if missing:
-                raise SurgeryError(f"the checkpoint in {run.path} does not fit the model ({missing[:2]})")
-            with torch.no_grad():
-                for name, value in checkpoint["params"].items():
-                    by_name[name].copy_(value)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            torch.set_rng_state(checkpoint["rng"])
-            if "cuda_rng" in checkpoint and self.device.type == "cuda":
-                torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
-            step, epoch, consumed = checkpoint["step"], checkpoint["epoch"], checkpoint["consumed"]
-            scales, hidden_scale = checkpoint["scales"], checkpoint["hidden_scale"]
-            before = FidelityReport(**json.loads(checkpoint["before"]))
-            before.sites = [_site_from_dict(s) for s in before.sites]
-            if run is not None:
-                run.truncate_metrics(stage, step)
-        elif run is not None:
-            run.write_config({**dataclasses.asdict(config), "stage": stage})
-        resumed_from = step
-        batches = _shards(self.data, world, epoch, consumed)
-        started = time.monotonic()
-        first = None
-        if step < config.steps:
-            epoch_, consumed_, first = next(batches)
-            first = to_device(first, self.device)
-            self._check_data(first)
-        if before is None:
-            before = self._evaluate()
-            if config.init == "teacher":
-                # a fresh stage only: a resumed one restores the initialised (and trained) weights
-                from surgery.distill.init import initialise_from_teacher
+        return optimizer, scheduler
 
-                began = time.monotonic()
-                chosen = initialise_from_teacher(self.student, self.eval_source_for_init(),
-                                                 batches=config.init_batches, labelled=config.labelled)
-                self.progress.message(f"initialised {len(chosen)} sites from the teacher's value projections "
-                                      f"in {time.monotonic() - began:.0f} s")
-                if run is not None:
-                    run.append_metrics({"stage": stage, "mode": config.mode, "step": 0, "init": chosen})
-            elif config.init != "none":
-                raise SurgeryError(f"init must be 'none' or 'teacher', not {config.init!r}")
-        # the EMA copies the student after any initialisation and before the capture hooks exist
+    def _open_stage(self) -> tuple[_LoopState, dict | None]:
+        """A fresh loop state (and ``config.json`` written), or the one the run directory's checkpoint holds."""
+        config, run = self.config, self.rundir
+        self.stage = config.key()
+        checkpoint = run.load_checkpoint() if (run is not None and self.resume) else None
+        if checkpoint is None:
+            if run is not None:
+                run.write_config({**dataclasses.asdict(config), "stage": self.stage})
+            return _LoopState(), None
+        return self._restore(checkpoint), checkpoint
+
+    def _restore(self, checkpoint: dict) -> _LoopState:
+        """Weights, optimizer, schedule, random state and data position from a checkpoint of this stage."""
+        run = self.rundir
+        if checkpoint["stage"] != self.stage:
+            raise SurgeryError(f"the checkpoint in {run.path} belongs to other settings (stage "
+                               f"{checkpoint['stage']} vs {self.stage}); resume with the same settings or "
+                               "start without --resume")
+        by_name = dict(self.named)
+        missing = [k for k in checkpoint["params"] if k not in by_name]
+        if missing:
+            raise SurgeryError(f"the checkpoint in {run.path} does not fit the model ({missing[:2]})")
+        with torch.no_grad():
+            for name, value in checkpoint["params"].items():
+                by_name[name].copy_(value)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["rng"])
+        if "cuda_rng" in checkpoint and self.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
+        before = FidelityReport(**json.loads(checkpoint["before"]))
+        before.sites = [_site_from_dict(s) for s in before.sites]
+        step = checkpoint["step"]
+        run.truncate_metrics(self.stage, step)
+        return _LoopState(step=step, epoch=checkpoint["epoch"], consumed=checkpoint["consumed"],
+                          start_epoch=checkpoint["epoch"], scales=checkpoint["scales"],
+                          hidden_scale=checkpoint["hidden_scale"], before=before, resumed_from=step,
+                          last_saved=step)
+
+    def _first_batch(self, batches: Iterator) -> tuple[int, int, Any]:
+        """The first (epoch, consumed, batch), checked against the model before anything trains."""
+        epoch, consumed, batch = next(batches)
+        batch = to_device(batch, self.device)
+        self._check_data(batch)
+        return epoch, consumed, batch
+
+    def _initialise(self) -> None:
+        """``init="teacher"``: start the mixers from the originals (a fresh stage only)."""
+        config, run = self.config, self.rundir
+        if config.init == "none":
+            return
+        if config.init != "teacher":
+            raise SurgeryError(f"init must be 'none' or 'teacher', not {config.init!r}")
+        from surgery.distill.init import initialise_from_teacher
+
+        began = time.monotonic()
+        chosen = initialise_from_teacher(self.student, self.eval_source_for_init(),
+                                         batches=config.init_batches, labelled=config.labelled)
+        self.progress.message(f"initialised {len(chosen)} sites from the teacher's value projections "
+                              f"in {time.monotonic() - began:.0f} s")
+        if run is not None:
+            run.append_metrics({"stage": self.stage, "mode": config.mode, "step": 0, "init": chosen})
+
+    def _build_ema(self, checkpoint: dict | None):
+        config = self.config
         ema = augment.build_ema(self.student, config.ema_decay, config.ema_warmup) if config.ema_decay else None
         if ema is not None and checkpoint is not None:
             augment.load_entries(ema.module, checkpoint["ema"])
-        mix = self.batch_transform
-        if mix is None and (config.mixup or config.cutmix) and step < config.steps:
-            mix = augment.build_mixup(config.mixup, config.cutmix, config.mixup_prob, config.mixup_switch_prob,
-                                      config.label_smoothing, self.classes)
-        capture = TeacherCapture(self.student, self.teacher)
-        self.progress.start(config.steps, f"distill ({config.mode})", completed=step)
-        if resumed_from:
-            self.progress.message(f"resumed at step {resumed_from} from {run.checkpoint_path}")
-        last_saved = step
-        metrics: dict[str, float] = {}
-        stopped_early = False
+        return ema
 
-        def save(step_done: int, epoch_: int, consumed_: int) -> None:
-            nonlocal last_saved
-            if run is None:
-                return
-            run.save_checkpoint({
-                "stage": stage, "step": step_done, "epoch": epoch_, "consumed": consumed_,
-                "params": {n: p.detach().cpu().clone() for n, p in named},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "scales": scales, "hidden_scale": hidden_scale,
-                "before": json.dumps(before.to_dict()),
-                **({"ema": augment.ema_entries(ema, [n for n, _ in named])} if ema is not None else {}),
-                **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
-            })
-            last_saved = step_done
+    def _build_mix(self, state: _LoopState):
+        """The batch transform: the caller's, or timm's Mixup/CutMix from the settings, or None."""
+        config = self.config
+        if self.batch_transform is not None:
+            return self.batch_transform
+        if (config.mixup or config.cutmix) and state.step < config.steps:
+            return augment.build_mixup(config.mixup, config.cutmix, config.mixup_prob, config.mixup_switch_prob,
+                                       config.label_smoothing, self.classes)
+        return None
 
-        cache = None
-        if config.cache:
-            if mix is not None:
-                raise SurgeryError("cache never hits with mixup/cutmix or a batch transform (every mixed batch is "
-                                   "new); drop cache or the mixing")
-            directory = (run.path / "teacher_cache") if config.cache == "run" and run is not None else config.cache
-            if directory == "run":
-                raise SurgeryError("cache='run' needs run_dir")
-            cache = TeacherCache(Path(directory) / f"rank{world.rank}", config.cache_megabytes)
-        self.cache = cache
-        cache_warned = False
-        if config.train_mode:
-            self.student.train()  # drop-path / dropout act; _teacher_forward keeps the teacher in eval mode
-        with capture, _SignalGuard() as guard:
-            position = (epoch, consumed)
-            while step < config.steps:
-                if first is not None:
-                    batch, first = first, None
-                    position = (epoch_, consumed_)
-                else:
-                    epoch_, consumed_, batch = next(batches)
-                    batch = to_device(batch, self.device)
-                    position = (epoch_, consumed_)
-                args, kwargs, labels = split_batch(batch, config.labelled)
-                if mix is not None:
-                    images, labels = augment.transform_batch(mix, args[0], labels, seed=config.seed, step=step,
-                                                             rank=world.rank)
-                    args = (images,)
-                cached, key = None, None
-                if cache is not None:
-                    key = _cache_key(config.mode, args, kwargs)
-                    cached = cache.get(key, self.device) if scales is not None else None
-                if cache is not None and cached is None and epoch_ > epoch and not cache_warned and cache.hits == 0 \
-                        and cache.misses >= 8:
-                    cache_warned = True
-                    self.progress.message("teacher cache: batches of this epoch are not in the cache (the data "
-                                          "makes new batches every epoch); it only costs time and disk here: use "
-                                          "spec data, Batches(shuffle='batches') or fixed batches, or drop cache")
-                if cached is not None:
-                    output = cached.pop(TEACHER_OUTPUT, None)
-                    capture.records, teacher_out = cached, (output.target if output is not None else None)
-                else:
-                    teacher_out = capture.run(lambda: self._teacher_forward(args, kwargs))
-                    if cache is not None:
-                        cache.put(key, _cache_records(config.mode, capture.records, teacher_out))
-                if scales is None:
-                    scales, hidden_scale = self._measure_scales(capture, teacher_out, kwargs)
-                site_losses, task = self._losses(capture, teacher_out, args, kwargs, labels, scales, hidden_scale)
-                loss = config.site_weight * torch.stack(list(site_losses.values())).sum()
-                if task is not None:
-                    loss = loss + config.task_weight * task
-                hoyer = None
-                if self.hoyer_square is not None:
-                    # a function of the weights alone: the same on every process, so averaging keeps it
-                    hoyer = self.hoyer_square(self.student)
-                    loss = loss + config.hoyer_weight * hoyer
-                values = torch.stack([*(l.detach() for l in site_losses.values()),
-                                      task.detach() if task is not None else torch.zeros(())])
-                values = all_mean(values, world)
-                if not bool(torch.isfinite(values).all()):
-                    self._diverged(site_losses, values, step, last_saved)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(params, world)
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                if ema is not None:
-                    ema.update(self.student, step=step)
-                metrics = {f"site/{n}": float(v) for n, v in zip(site_losses, values)}
-                metrics["loss"] = float(values[:-1].sum() * config.site_weight
-                                        + (values[-1] * config.task_weight if task is not None else 0.0))
-                if task is not None:
-                    metrics["task"] = float(values[-1])
-                if hoyer is not None:
-                    metrics["hoyer"] = float(hoyer.detach())
-                    metrics["loss"] += config.hoyer_weight * metrics["hoyer"]
-                metrics["lr"] = scheduler.get_last_lr()[0]
-                self.progress.update(step, metrics)
-                if run is not None and (step % config.log_every == 0 or step == config.steps):
-                    run.append_metrics({"stage": stage, "mode": config.mode, "step": step,
-                                        "elapsed": round(time.monotonic() - started, 3), **metrics})
-                out_of_time = config.max_seconds is not None and time.monotonic() - started > config.max_seconds
-                if step % config.checkpoint_every == 0 or step == config.steps or guard.requested or out_of_time:
-                    save(step, *position)
-                if guard.requested:
-                    self.progress.message(f"stopped at step {step}; checkpoint saved in "
-                                          f"{run.path if run else '(no run_dir)'}; resume with --resume")
-                    self.progress.finish()
-                    raise KeyboardInterrupt
-                if out_of_time:
-                    stopped_early = True
-                    self.progress.message(f"max_seconds reached at step {step}")
-                    break
-        self.progress.finish()
+    def _build_cache(self) -> TeacherCache | None:
+        config, run = self.config, self.rundir
+        if not config.cache:
+            return None
+        if self.mix is not None:
+            raise SurgeryError("cache never hits with mixup/cutmix or a batch transform (every mixed batch is "
+                               "new); drop cache or the mixing")
+        directory = (run.path / "teacher_cache") if config.cache == "run" and run is not None else config.cache
+        if directory == "run":
+            raise SurgeryError("cache='run' needs run_dir")
+        return TeacherCache(Path(directory) / f"rank{self.world.rank}", config.cache_megabytes)
+
+    def _train_step(self, state: _LoopState, batch: Any) -> None:
+        """One optimizer step on one batch: teacher targets, losses, checks, backward, update."""
+        config = self.config
+        args, kwargs, labels = split_batch(batch, config.labelled)
+        if self.mix is not None:
+            images, labels = augment.transform_batch(self.mix, args[0], labels, seed=config.seed, step=state.step,
+                                                     rank=self.world.rank)
+            args = (images,)
+        teacher_out = self._teacher_targets(state, args, kwargs)
+        if state.scales is None:
+            state.scales, state.hidden_scale = self._measure_scales(self.capture, teacher_out, kwargs)
+        site_losses, task = self._losses(self.capture, teacher_out, args, kwargs, labels, state.scales,
+                                         state.hidden_scale)
+        loss = config.site_weight * torch.stack(list(site_losses.values())).sum()
+        if task is not None:
+            loss = loss + config.task_weight * task
+        hoyer = None
+        if self.hoyer_square is not None:
+            # a function of the weights alone: the same on every process, so averaging keeps it
+            hoyer = self.hoyer_square(self.student)
+            loss = loss + config.hoyer_weight * hoyer
+        values = torch.stack([*(l.detach() for l in site_losses.values()),
+                              task.detach() if task is not None else torch.zeros(())])
+        values = all_mean(values, self.world)
+        if not bool(torch.isfinite(values).all()):
+            self._diverged(site_losses, values, state.step, state.last_saved)
+        self._optimise(loss)
+        state.step += 1
+        if self.ema is not None:
+            self.ema.update(self.student, step=state.step)
+        state.metrics = self._step_metrics(site_losses, values, task, hoyer)
+
+    def _teacher_targets(self, state: _LoopState, args: tuple, kwargs: dict) -> Any:
+        """Fill ``self.capture.records`` for this batch (from the cache or one teacher forward);
+        returns the teacher's output (end to end: its main output)."""
+        config, cache, capture = self.config, self.cache, self.capture
+        cached, key = None, None
         if cache is not None:
-            cache.flush()
+            key = _cache_key(config.mode, args, kwargs)
+            cached = cache.get(key, self.device) if state.scales is not None else None
+            if cached is None and state.epoch > state.start_epoch and not state.cache_warned \
+                    and cache.hits == 0 and cache.misses >= 8:
+                state.cache_warned = True
+                self.progress.message("teacher cache: batches of this epoch are not in the cache (the data "
+                                      "makes new batches every epoch); it only costs time and disk here: use "
+                                      "spec data, Batches(shuffle='batches') or fixed batches, or drop cache")
+        if cached is not None:
+            output = cached.pop(TEACHER_OUTPUT, None)
+            capture.records = cached
+            return output.target if output is not None else None
+        teacher_out = capture.run(lambda: self._teacher_forward(args, kwargs))
+        if cache is not None:
+            cache.put(key, _cache_records(config.mode, capture.records, teacher_out))
+        return teacher_out
+
+    def _optimise(self, loss: torch.Tensor) -> None:
+        """Backward, gradient averaging over processes, clipping, optimizer and schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(self.params, self.world)
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def _step_metrics(self, site_losses, values, task, hoyer) -> dict[str, float]:
+        """Per-site losses, the weighted total, task and Hoyer terms and the learning rate, averaged
+        over processes."""
+        config = self.config
+        metrics = {f"site/{n}": float(v) for n, v in zip(site_losses, values)}
+        metrics["loss"] = float(values[:-1].sum() * config.site_weight
+                                + (values[-1] * config.task_weight if task is not None else 0.0))
+        if task is not None:
+            metrics["task"] = float(values[-1])
+        if hoyer is not None:
+            metrics["hoyer"] = float(hoyer.detach())
+            metrics["loss"] += config.hoyer_weight * metrics["hoyer"]
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def _after_step(self, state: _LoopState, guard: _SignalGuard) -> bool:
+        """Report, log, checkpoint; True when ``max_seconds`` ends the loop (a signal raises
+        KeyboardInterrupt after the checkpoint)."""
+        config, run, step = self.config, self.rundir, state.step
+        self.progress.update(step, state.metrics)
+        if run is not None and (step % config.log_every == 0 or step == config.steps):
+            run.append_metrics({"stage": self.stage, "mode": config.mode, "step": step,
+                                "elapsed": round(time.monotonic() - state.started, 3), **state.metrics})
+        out_of_time = config.max_seconds is not None and time.monotonic() - state.started > config.max_seconds
+        if step % config.checkpoint_every == 0 or step == config.steps or guard.requested or out_of_time:
+            self._save(state)
+        if guard.requested:
+            self.progress.message(f"stopped at step {step}; checkpoint saved in "
+                                  f"{run.path if run else '(no run_dir)'}; resume with --resume")
+            self.progress.finish()
+            raise KeyboardInterrupt
+        if out_of_time:
+            state.stopped_early = True
+            self.progress.message(f"max_seconds reached at step {step}")
+        return out_of_time
+
+    def _save(self, state: _LoopState) -> None:
+        """Checkpoint everything a resume needs to continue exactly (rank 0 writes)."""
+        run = self.rundir
+        if run is None:
+            return
+        names = [n for n, _ in self.named]
+        run.save_checkpoint({
+            "stage": self.stage, "step": state.step, "epoch": state.epoch, "consumed": state.consumed,
+            "params": {n: p.detach().cpu().clone() for n, p in self.named},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "scales": state.scales, "hidden_scale": state.hidden_scale,
+            "before": json.dumps(state.before.to_dict()),
+            **({"ema": augment.ema_entries(self.ema, names)} if self.ema is not None else {}),
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+        })
+        state.last_saved = state.step
+
+    def _finish(self, state: _LoopState) -> DistillResult:
+        """Final evaluation, the result, and (rank 0) the saved model and ``fidelity.json``."""
+        config, run, world = self.config, self.rundir, self.world
+        if self.cache is not None:
+            self.cache.flush()
         self.student.eval()
-        if ema is not None:
+        if self.ema is not None:
             # the averaged weights are the result: evaluated, saved and left in the student
-            augment.load_entries(self.student, augment.ema_entries(ema, [n for n, _ in named]))
-        seconds = time.monotonic() - started
+            augment.load_entries(self.student, augment.ema_entries(self.ema, [n for n, _ in self.named]))
+        seconds = time.monotonic() - state.started
         after = self._evaluate()
+        before = state.before
         result = DistillResult(
             sites=[SiteResult(b.name, b.relative_mse, a.relative_mse, b.cosine, a.cosine)
                    for b, a in zip(before.sites, after.sites)],
-            fidelity=after, fidelity_before=before, steps=step, mode=config.mode,
-            run_dir=str(run.path) if run else None, resumed_from=resumed_from, stopped_early=stopped_early,
-            seconds=seconds, final_metrics=metrics)
+            fidelity=after, fidelity_before=before, steps=state.step, mode=config.mode,
+            run_dir=str(run.path) if run else None, resumed_from=state.resumed_from,
+            stopped_early=state.stopped_early, seconds=seconds, final_metrics=state.metrics)
         if run is not None and world.main:
             from surgery.checkpoint import save as save_model
 
-            save_model(self.student, run.path, extra={"distill": {**dataclasses.asdict(config), "stage": stage,
-                                                                  "steps_done": step}})
+            save_model(self.student, run.path, extra={"distill": {**dataclasses.asdict(config), "stage": self.stage,
+                                                                  "steps_done": state.step}})
             run.write_json(FIDELITY, result.to_dict())
         barrier(world)
         return result
