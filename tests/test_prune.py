@@ -144,6 +144,8 @@ def test_save_load_of_pruned_model_is_exact(tmp_path, case, replacement, finaliz
     again = surgery.load(tmp_path, model=CASES[case][0]())
     model.eval()
     with torch.no_grad():
+        # same weights (same layouts) through the same modules: the same computation replayed, so
+        # bit for bit
         assert torch.equal(main_tensor(run(model, x)), main_tensor(run(again, x)))
     assert {k: v.shape for k, v in model.state_dict().items()} == \
         {k: v.shape for k, v in again.state_dict().items()}
@@ -266,7 +268,7 @@ def test_failure_midway_is_undone(monkeypatch):
         surgery.prune(model, x, ratio=0.4, measure_flops=False)
     _assert_same_state(model, state)
     with torch.no_grad():
-        assert torch.equal(model(x), before)
+        assert torch.equal(model(x), before)  # undone exactly: the same weights, the same computation
     assert all(h.rnn.hidden_size == 16 for w in replaced_sites(model) for h in w.mixer.heads)
 
 

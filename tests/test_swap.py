@@ -177,9 +177,12 @@ def test_load_rebuilds_from_source(tmp_path):
 def test_damaged_checkpoints_are_refused(tmp_path):
     model, inputs = build("timm_vit")
     surgery.replace_attention(model, "conv", inputs)
-    surgery.save(model, tmp_path)
+    hand, hand_inputs = build("hand_written")  # a class surgery cannot describe (timm's it can, issue 19)
+    surgery.replace_attention(hand, "conv", hand_inputs)
+    surgery.save(hand, tmp_path / "hand")
     with pytest.raises(surgery.ManifestError, match="no model source"):
-        surgery.load(tmp_path)
+        surgery.load(tmp_path / "hand")
+    surgery.save(model, tmp_path)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
@@ -287,12 +290,15 @@ def test_export_with_a_padded_attention_mask(replacement, config):
     with torch.no_grad():
         eager = model(**inputs).last_hidden_state
         exported = program.module()(**inputs).last_hidden_state
-    assert torch.equal(exported, eager)
+    # the program is a re-trace into aten ops, not the eager call replayed: torch does not promise
+    # the same kernels bit for bit, so fp32 agreement to about 1 ulp of the values
+    torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-6)
     other = mask.clone()
     other[0, 10:] = 0  # the padding is an input of the program, not baked into it
     with torch.no_grad():
-        assert torch.equal(program.module()(input_ids=tokens, attention_mask=other).last_hidden_state,
-                           model(input_ids=tokens, attention_mask=other).last_hidden_state)
+        torch.testing.assert_close(program.module()(input_ids=tokens, attention_mask=other).last_hidden_state,
+                                   model(input_ids=tokens, attention_mask=other).last_hidden_state,
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:The tensor attributes .*_flat_weights")
@@ -310,8 +316,8 @@ def test_export_of_a_bidirectional_recurrent_mixer_takes_unpadded_batches_only()
     program = torch.export.export(model, (), {"input_ids": tokens, "attention_mask": ones}, strict=False)
     with torch.no_grad():
         for inputs in ({"input_ids": tokens}, {"input_ids": tokens, "attention_mask": ones}):
-            assert torch.equal(program.module()(input_ids=tokens, attention_mask=ones).last_hidden_state,
-                               model(**inputs).last_hidden_state)
+            torch.testing.assert_close(program.module()(input_ids=tokens, attention_mask=ones).last_hidden_state,
+                                       model(**inputs).last_hidden_state, rtol=1e-5, atol=1e-6)
         with pytest.raises(RuntimeError, match="Runtime assertion failed"):
             program.module()(input_ids=tokens, attention_mask=padded)
         # eager still packs the padded batch: real tokens do not see the pads
