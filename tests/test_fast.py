@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 
 import pytest
@@ -22,11 +23,18 @@ MIXERS = {"mhlstm": (MultiHeadLSTM, MultiHeadLSTMConfig), "gru": (MultiHeadGRU, 
 
 @pytest.fixture(scope="module", params=["kernel", "torch-loop"])
 def use_kernel(request):
+    # The PyTorch loop ("torch-loop") is the reference and runs everywhere. The native kernel is
+    # optional (it needs a compiler and headers, and SURGERY_FAST_KERNEL=0 turns it off), so its
+    # cases skip, saying why, where it is unavailable, unless SURGERY_FAST_KERNEL=1 asks for it.
     if request.param == "torch-loop":
         return False
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the native kernel cannot be built here")
+    required = os.environ.get("SURGERY_FAST_KERNEL") == "1"
+    if shutil.which("c++") is None and shutil.which("g++") is None and not required:
+        pytest.skip("no C++ compiler: the native kernel cannot be built here (the torch-loop cases still run)")
     status = fast.kernel_status()  # compiles once per machine (cached by torch_extensions)
+    if not status["available"] and not required:
+        pytest.skip(f"native kernel unavailable: {status['error']} (the torch-loop cases still run; "
+                    "SURGERY_FAST_KERNEL=1 makes this a failure)")
     assert status["available"], status["error"]
     return True
 
