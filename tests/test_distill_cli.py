@@ -62,12 +62,19 @@ def test_sigkill_then_resume_gives_the_same_weights(tmp_path):
     process = subprocess.Popen(replace(killed), cwd=ROOT, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    # wait for progress, not for a time: a slow or busy machine only takes longer (the deadline is
+    # a safety net against a hung run, far above what 40 tiny steps need anywhere)
+    deadline = time.monotonic() + 400
+    reached = False
     while time.monotonic() < deadline and process.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 8:  # past step 40
+            reached = True
             break
         time.sleep(0.02)
     assert process.poll() is None, "the run ended before it could be killed"
+    if not reached:
+        process.kill()
+        pytest.fail("the run logged no step 40 within 400 s: hung?")
     process.send_signal(signal.SIGKILL)
     process.wait()
     checkpoint = torch.load(killed / "checkpoint.pt", weights_only=True)
