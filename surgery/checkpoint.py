@@ -20,6 +20,7 @@ from torch import nn
 from surgery.errors import ManifestError, SurgeryError
 from surgery.registry import get_replacement
 from surgery.sites import AttentionSite
+from surgery.sources import describe_source, rebuild_from_source
 from surgery.swap import ReplacedAttention, finalize, replace_attention, replaced_sites
 
 FORMAT = "surgery/1"
@@ -94,7 +95,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
     atomic_write(directory / WEIGHTS, lambda f: f.write(save(state)))
     manifest = {
         "format": FORMAT,
-        "source": source or getattr(model, SOURCE_ATTRIBUTE, None),
+        # a model built in Python has no spec: record a checked description of its constructor
+        "source": source or getattr(model, SOURCE_ATTRIBUTE, None) or describe_source(model),
         "model_class": type(model).__name__,
         "sites": [
             {"site": w.site.to_dict(), "replacement": w.replacement, "config": w.config.to_dict(),
@@ -196,8 +198,8 @@ def _build_source(manifest: dict, allow_code: bool) -> nn.Module:
     from surgery.models import load_model, parse_model_spec
 
     source = manifest.get("source")
-    if not source:
-        raise ManifestError("the manifest names no model source; pass load(directory, model=<base model>)")
+    if not isinstance(source, str) or not source:
+        return rebuild_from_source(manifest)  # a description (HF config, timm/torchvision constructor) or none
     spec = parse_model_spec(source)
     if spec.kind == "py" and not allow_code:
         raise ManifestError(f"the manifest's source {source!r} would import and run code; pass "
