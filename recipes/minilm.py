@@ -116,6 +116,20 @@ class MinilmConfig:
                                "seq_len >= 8")
 
 
+def _replace_route(config: MinilmConfig = MinilmConfig()) -> dict:
+    return {"mode": "e2e", "steps": 200, "lr": config.e2e_lr, "batch_size": config.batch_size,
+            "seq_len": config.seq_len,
+            "distill": {"train": "all", "other_lr_scale": config.other_lr_scale, "init": config.init,
+                        "init_batches": config.init_batches, "site_weight": config.site_weight,
+                        "freeze": config.freeze, "max_seconds": 300}}
+
+
+# What `surgery replace --model <alias> --data ...` uses where no flag says otherwise (the CLI reads it
+# from here): this recipe's end-to-end route, taken from MinilmConfig's defaults, cut to a first run of
+# 200 steps and five minutes.
+REPLACE_DEFAULTS = {"minilm": _replace_route()}
+
+
 def held_out_sentences(data: str, count: int) -> list[str]:
     """Up to ``count`` distinct held-out sentences of the text source (evenly spread over it), none
     of which occurs in its training text."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -12,7 +14,7 @@ from surgery.cli.distill import (
 )
 from surgery.cli.common import (
     AllowCodeOption, CheckpointOption, ExcludeOption, JsonOption, ModelOption, PluginOption, RandomInitOption,
-    QuietOption, SetOption, TargetsOption, console, guarded, load_plugins, parse_settings, print_json,
+    QuietOption, SetOption, TargetsOption, console, err_console, guarded, load_plugins, parse_settings, print_json,
     print_table, rule,
 )
 
@@ -44,6 +46,50 @@ def list_command(plugin: PluginOption = None, json_output: JsonOption = False) -
                 + [["minilm", "bundled all-MiniLM-L6-v2 (HuggingFace BERT)"]])
 
 
+def recipe_defaults(model: str) -> tuple[str, dict[str, Any]] | None:
+    """The distillation route a recipe declares for a model alias, as ``(recipe module, route)``.
+
+    A recipe module declares it in ``REPLACE_DEFAULTS`` (alias -> ``{"mode", "steps", "lr", ...,
+    "distill": {key: value}}``), so the measured settings live in one place, next to the recipe.
+
+    Example:
+        >>> recipe_defaults("minilm")[1]["mode"]
+        'e2e'
+    """
+    try:
+        from recipes import list_recipes
+    except ImportError:
+        return None
+    for recipe in list_recipes():
+        table = getattr(sys.modules.get(recipe.run.__module__), "REPLACE_DEFAULTS", None) or {}
+        if model in table:
+            return recipe.run.__module__, table[model]
+    return None
+
+
+def apply_recipe_defaults(model: str, flags: dict[str, Any], settings: dict[str, Any]
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fill the options the user left out (None in ``flags``, absent from ``settings``) from the
+    model alias's recipe route, and say on stderr which ones were filled."""
+    found = recipe_defaults(model)
+    if found is None:
+        return flags, settings
+    recipe, route = found
+    flags, settings, applied = dict(flags), dict(settings), []
+    for key, value in route.items():
+        if key in flags and flags[key] is None:
+            flags[key] = value
+            applied.append(f"--{key.replace('_', '-')} {value}")
+    for key, value in route.get("distill", {}).items():
+        if key not in settings:
+            settings[key] = value
+            applied.append("--distill-set " + shlex.quote(f"{key}={value}"))
+    if applied:
+        err_console.print(f"--model {model}: the route of {recipe.replace('.', '/')}.py sets "
+                          + " ".join(applied) + "; any flag overrides", highlight=False, soft_wrap=True)
+    return flags, settings
+
+
 def _recipes() -> list[dict]:
     try:
         from recipes import list_recipes
@@ -70,13 +116,14 @@ def inspect_command(
         raise SurgeryError("give either a saved directory (surgery inspect RUN) or --model NAME")
     if run is not None:
         from surgery.checkpoint import read_manifest
+        from surgery.sources import source_text
 
         manifest = read_manifest(run)
         sites = [AttentionSite.from_dict(e["site"]) for e in manifest["sites"]]
         if json_output:
             print_json(manifest)
             return
-        print_table(f"{run}: source {manifest.get('source')}", ["site", "replacement", "finalized",
+        print_table(f"{run}: source {source_text(manifest.get('source'))}", ["site", "replacement", "finalized",
                     "dim", "heads", "causal"],
                     [[s.name, e["replacement"], str(e["finalized"]), str(s.embed_dim), str(s.num_heads),
                       "yes" if s.causal else "no"] for s, e in zip(sites, manifest["sites"])])
@@ -114,10 +161,15 @@ def replace_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the replacements' init and of distillation.")] = 0,
     distill_settings: Annotated[Optional[list[str]], typer.Option(
         "--distill-set", help="Distill setting key=value (repeatable), as `surgery distill --set`.")] = None,
+    minutes: Annotated[Optional[float], typer.Option(
+        "--minutes", help="Stop distilling after this many minutes of training (the same as "
+                          "--distill-set max_seconds=60*N).")] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Replace every attention block of a model and save it (originals kept for distillation);
-    with --data, then distill the replacements (--steps, --mode, ...) in the --out run directory."""
+    with --data, then distill the replacements (--steps, --mode, ...) in the --out run directory.
+    A model alias with a recipe route (e.g. minilm) distills with that route's settings unless a
+    flag gives another value; the run prints the defaults it applied."""
     import torch
 
     from surgery.checkpoint import save
@@ -130,6 +182,19 @@ def replace_command(
     get_replacement(with_)  # unknown names fail before the model is built
     if data and out is None:
         raise SurgeryError("distilling after replace needs a run directory: add --out DIR")
+    given = parse_settings(distill_settings)
+    if minutes is not None:
+        if not data:
+            raise SurgeryError("--minutes limits distillation: add --data (e.g. --data text:python)")
+        if "max_seconds" in given:
+            raise SurgeryError("give --minutes or --distill-set max_seconds, not both")
+        if minutes <= 0:
+            raise SurgeryError(f"--minutes must be > 0, not {minutes}")
+        given["max_seconds"] = 60.0 * minutes
+    if data:
+        flags = {"mode": mode, "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len}
+        flags, given = apply_recipe_defaults(model, flags, given)
+        mode, steps, lr, batch_size, seq_len = (flags[k] for k in ("mode", "steps", "lr", "batch_size", "seq_len"))
     torch.manual_seed(seed)  # the replacements' random initialisation is reproducible
     net = load_model(model, random_init=random_init, checkpoint=checkpoint)
     report = replace_attention(net, with_, config=parse_settings(settings), targets=rule(targets),
@@ -150,5 +215,5 @@ def replace_command(
                       + (f"; saved to {out}" if out else ""))
     if data:
         run_distill(out, data=data, steps=steps or 1000, mode=mode, lr=lr, batch_size=batch_size,
-                    seq_len=seq_len, seed=seed, settings=parse_settings(distill_settings), quiet=quiet,
+                    seq_len=seq_len, seed=seed, settings=given, quiet=quiet,
                     json_output=json_output, allow_code=allow_code)
