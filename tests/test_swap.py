@@ -53,7 +53,8 @@ def test_causal_sites_get_causal_replacements(case, replacement):
     with torch.no_grad():
         a = main_tensor(run(model, {"input_ids": x} if isinstance(inputs, dict) else x))
         b = main_tensor(run(model, {"input_ids": changed} if isinstance(inputs, dict) else changed))
-    torch.testing.assert_close(a[:, :6], b[:, :6])
+    # other inputs, same shapes: fp32 agreement, not bit identity
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a[:, 6:], b[:, 6:])
 
 
