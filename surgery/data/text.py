@@ -1,9 +1,12 @@
-"""Text sources (Python's documentation, the standard library's docstrings, text files) and their
-tokenised batches: paragraphs packed into pieces of at most ``seq_len`` tokens."""
+"""Text sources (Python's documentation, the standard library's docstrings, WordNet's general
+English, text files) and their tokenised batches: paragraphs packed into pieces of at most
+``seq_len`` tokens. Also the out-of-domain held-out set (``heldout_english``) that ships with the
+package and is never trained on."""
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -102,6 +105,100 @@ def _unseen_docstrings() -> tuple[str, ...]:
     return tuple(p for p in stdlib_docstrings() if not overlaps(p))
 
 
+#: where Debian's ``wordnet-base`` puts WordNet 3.0's database; ``SURGERY_WORDNET`` overrides it
+WORDNET_DIR = "/usr/share/wordnet"
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+
+
+def wordnet_dir() -> Path:
+    """The folder holding WordNet's ``data.noun`` ... ``data.adv`` (``$SURGERY_WORDNET`` or
+    ``/usr/share/wordnet``); a one-line ``DataError`` with the install command when they are missing."""
+    root = Path(os.environ.get("SURGERY_WORDNET") or WORDNET_DIR)
+    missing = [name for name in WORDNET_FILES if not (root / name).is_file()]
+    if missing:
+        raise DataError(f"text:english needs WordNet's database ({', '.join(missing)} missing in {root}); "
+                        "install it with: apt-get install wordnet-base (or set SURGERY_WORDNET to its folder)")
+    return root
+
+
+def wordnet_entry(line: str) -> str | None:
+    """One line of a WordNet ``data.*`` file as a short English paragraph: the first word form,
+    its definitions, then its quoted example sentences (capitalised, full stop added). None for
+    the licence header and for entries without a gloss.
+
+    Example:
+        >>> wordnet_entry('00217593 04 n 01 kill 1 002 @ 00217014 n 0000 | the destruction of an enemy '
+        ...               'plane or ship; "the pilot reported two kills during the mission"')
+        'Kill: the destruction of an enemy plane or ship. The pilot reported two kills during the mission.'
+    """
+    if line.startswith(" ") or " | " not in line:
+        return None
+    fields, _, gloss = line.partition(" | ")
+    parts = fields.split()
+    if len(parts) < 5 or not parts[0].isdigit():
+        return None
+    word = re.sub(r"\(\w+\)$", "", parts[4]).replace("_", " ")
+    definitions, examples = [], []
+    for chunk in re.split(r";\s*", gloss.strip()):
+        quoted = re.findall(r'"([^"]+)"', chunk)
+        if quoted:
+            examples += [q.strip() for q in quoted if len(q.split()) >= 2]
+        elif chunk.strip():
+            definitions.append(chunk.strip())
+    if not definitions and not examples:
+        return None
+
+    def sentence(text: str) -> str:
+        text = text.strip()
+        text = text[0].upper() + text[1:]
+        return text if text[-1] in ".!?" else text + "."
+
+    head = f"{word[0].upper()}{word[1:]}: " + "; ".join(definitions) if definitions else ""
+    body = [sentence(head)] if head else []
+    return " ".join(body + [sentence(e) for e in examples])
+
+
+@functools.lru_cache(maxsize=4)
+def _wordnet_entries(root: str) -> tuple[str, ...]:
+    found: dict[str, None] = {}
+    for name in WORDNET_FILES:
+        with open(Path(root) / name, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                entry = wordnet_entry(line)
+                if entry:
+                    found[entry] = None
+    return tuple(found)
+
+
+def english_text(split: str = "train") -> list[str]:
+    """General English from WordNet 3.0 (Debian's ``wordnet-base``: about 117k glosses and 37k
+    quoted example sentences), one short paragraph per synset (``wordnet_entry``); every 10th
+    synset is the held-out split. Needs ``apt-get install wordnet-base`` (see ``wordnet_dir``).
+
+    Example:
+        >>> len(english_text("train")) > 100000  # doctest: +SKIP
+        True
+    """
+    entries = _wordnet_entries(str(wordnet_dir()))
+    return [e for i, e in enumerate(entries) if (i % 10 == 9) == (split != "train")]
+
+
+def heldout_english() -> list[str]:
+    """The out-of-domain evaluation set: 200+ general-English sentences (everyday topics, with
+    paraphrase pairs for retrieval) written for this project and shipped as package data
+    (``surgery/data/heldout_english.txt``). No training source contains them; never train on them.
+
+    Example:
+        >>> len(heldout_english()) >= 200
+        True
+    """
+    from importlib.resources import files
+
+    text = files("surgery.data").joinpath("heldout_english.txt").read_text(encoding="utf-8")
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return list(dict.fromkeys(line for line in lines if line and not line.startswith("#")))
+
+
 def file_text(path: str | Path, split: str = "train") -> list[str]:
     """Paragraphs of a UTF-8 text file or a folder of ``*.txt`` files; every 10th is held out."""
     path = Path(path)
@@ -117,7 +214,10 @@ def file_text(path: str | Path, split: str = "train") -> list[str]:
             raise DataError(f"{file} is not UTF-8 text") from None
     chosen = [p for i, p in enumerate(paragraphs) if (i % 10 == 9) == (split != "train")]
     if not chosen:
-        raise DataError(f"text source {str(path)!r} has too little text ({len(paragraphs)} paragraphs)")
+        lines = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in files)
+        raise DataError(f"text source {str(path)!r} has too little text for the {split} split: {lines} line(s), "
+                        f"{len(paragraphs)} paragraph(s) of 4+ words (blank lines separate paragraphs; every "
+                        "10th is held out): give at least 10 paragraphs")
     return chosen
 
 
@@ -155,7 +255,8 @@ def tokenizer_for(model: nn.Module):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(location, local_files_only=True)
+        # never trust_remote_code=None: a tokenizer_config with auto_map would ask on stdin and run code
+        return AutoTokenizer.from_pretrained(location, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise DataError(f"cannot load a tokenizer from {location!r} offline "
                         f"({str(error).splitlines()[0][:100]})") from None
