@@ -188,3 +188,101 @@ def test_a_manifest_cannot_name_classes_outside_the_libraries(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(surgery.ManifestError, match="does not ship"):
         surgery.load(tmp_path)
+
+
+# --- sentence-transformers -------------------------------------------------------------------------
+
+SENTENCES = ["A cat sits on the mat.", "Stocks fell sharply today.",
+             "The function returns a list of strings, one for each line of the file."]
+
+
+def _mean_pooled(model, tokenizer, texts):
+    """The library's own sentence embedding: mean over real tokens, then L2 normalisation."""
+    from recipes.minilm import sentence_embeddings
+
+    return sentence_embeddings(model, tokenizer, texts)
+
+
+@pytest.fixture(scope="module")
+def minilm_student():
+    pytest.importorskip("sentence_transformers")
+    from surgery.models import load_model
+
+    torch.manual_seed(0)
+    student = load_model("minilm")
+    surgery.replace_attention(student, "conv")  # undistilled: far from the teacher, still a fine check
+    return student
+
+
+def test_sentence_transformer_encode_equals_the_library_embedding(minilm_student, tmp_path):
+    from surgery.data import tokenizer_for
+    from surgery.integrations.sentence_transformers import as_sentence_transformer
+
+    model = as_sentence_transformer(minilm_student)
+    got = model.encode(SENTENCES, convert_to_tensor=True)
+    expected = _mean_pooled(minilm_student, tokenizer_for(minilm_student), SENTENCES)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
+    similarity = model.similarity(got, got)
+    torch.testing.assert_close(similarity.diagonal(), torch.ones(3), rtol=1e-4, atol=1e-4)
+    # a run directory works too: load(), then the same wrapping (the source says which tokenizer)
+    surgery.save(minilm_student, tmp_path / "run")
+    again = as_sentence_transformer(tmp_path / "run").encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(again.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_held_out_comparison_through_sentence_transformers(minilm_student):
+    from recipes.minilm import held_out_sentences
+    from surgery.data import tokenizer_for
+    from surgery.integrations.sentence_transformers import as_sentence_transformer, mean_cosine
+    from surgery.models import load_model
+
+    texts = held_out_sentences("text:builtin", 40)
+    teacher = load_model("minilm")
+    tokenizer = tokenizer_for(teacher)
+    recipe_cosine = float((_mean_pooled(minilm_student, tokenizer, texts)
+                           * _mean_pooled(teacher, tokenizer, texts)).sum(-1).mean())
+    through = mean_cosine(as_sentence_transformer(minilm_student), as_sentence_transformer(teacher), texts)
+    assert 0 < through < 0.99  # an undistilled student: clearly not the teacher
+    assert abs(through - recipe_cosine) < 1e-4
+
+
+def test_any_hf_encoder_student_with_a_plain_base_directory(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from surgery.integrations.sentence_transformers import as_sentence_transformer
+    from surgery.models import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=37, max_position_embeddings=128))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")  # a plain HF directory: no sentence-transformers config
+    student = BertModel.from_pretrained(tmp_path / "base").eval()
+    surgery.replace_attention(student, "gru")
+    model = as_sentence_transformer(student, base=tmp_path / "base")
+    got = model.encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(got.cpu(), _mean_pooled(student, tokenizer, SENTENCES), rtol=1e-4, atol=1e-5)
+
+
+def test_sentence_transformer_errors_say_what_to_pass(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    import timm
+    from transformers import BertConfig, BertModel
+
+    from surgery.errors import SurgeryError
+    from surgery.integrations.sentence_transformers import as_sentence_transformer
+
+    with pytest.raises(SurgeryError, match="needs a HuggingFace encoder"):
+        as_sentence_transformer(timm.create_model("deit_tiny_patch16_224", depth=1))
+    stranger = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=20))
+    with pytest.raises(SurgeryError, match="pass base="):
+        as_sentence_transformer(stranger)
+    with pytest.raises(SurgeryError, match="not a local directory"):
+        as_sentence_transformer(stranger, base=tmp_path / "missing")
+    from surgery.models import minilm_path
+
+    with pytest.raises(SurgeryError, match="does not fit"):
+        as_sentence_transformer(stranger, base=minilm_path())
