@@ -314,5 +314,5 @@ def test_fast_path_falls_back_without_recursing_on_pruned_mixers():
     x = torch.randn(2, 17, 32)
     expected = type(wrapper.mixer).forward(wrapper.mixer, x, None)
     with fast_mixers(model):
-        torch.testing.assert_close(wrapper.mixer(x, None), expected)
+        torch.testing.assert_close(wrapper.mixer(x, None), expected, rtol=1e-5, atol=1e-6)
     assert reference.shape == expected.shape
