@@ -13,6 +13,18 @@ from typing import Any
 #: "mha"    -> torch.nn.MultiheadAttention: forward(query, key, value, ...) -> (output, weights).
 CONVENTIONS = ("tensor", "tuple", "mha")
 
+#: What a site computes, which decides whether an N-to-N sequence mixer may take its place:
+#: "self"         -> queries, keys and values from the same [B, N, D] tokens; N tokens out;
+#: "cross"        -> keys/values from another sequence (an encoder's output, a second stream);
+#: "query-subset" -> fewer (or more) tokens out than in: class attention, pooled/downsampling queries;
+#: "windowed"     -> hidden states in a grid layout ([B, H, W, C]) attended window by window.
+SITE_KINDS = ("self", "cross", "query-subset", "windowed")
+
+#: Where ``AttentionSite.causal`` came from: "graph" (the mask / ``is_causal`` that reached the
+#: attention core while the model ran), "probe" (perturbing later tokens moved the first output),
+#: "attribute" (the module's ``is_causal``, when nothing else could tell).
+CAUSAL_SOURCES = ("graph", "probe", "attribute")
+
 
 @dataclass(frozen=True)
 class AttentionSite:
@@ -33,8 +45,12 @@ class AttentionSite:
             distillation matches).
         batch_first: layout of the hidden states ([B, N, D] when True, [N, B, D] when False).
         output_len: number of items returned by a "tuple"/"mha" site (1 for "tensor").
-        kind: "self" or "cross"; cross-attention cannot be replaced by a sequence mixer.
+        kind: one of ``SITE_KINDS``; a replacement serves the kinds it declares (``serves``),
+            the others are skipped with a reason.
         found_by: "fx", "export" or "type" (graph capture that found it, or the type fallback).
+        causal_source: one of ``CAUSAL_SOURCES``: what decided ``causal``.
+        note: why the kind or causality was decided as it was when the evidence disagreed
+            (e.g. the probe and the mask at the core), else "".
 
     Example:
         >>> site = AttentionSite("blocks.0.attn", "Attention", 192, 3, 64, False, "tensor", "proj")
@@ -56,6 +72,8 @@ class AttentionSite:
     output_len: int = 1
     kind: str = "self"
     found_by: str = "fx"
+    causal_source: str = "attribute"
+    note: str = ""
 
     COLUMNS = ("name", "type", "dim", "heads", "head dim", "causal", "convention", "out proj",
                "kind", "found by")
@@ -72,3 +90,38 @@ class AttentionSite:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AttentionSite":
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+@dataclass(frozen=True)
+class SkippedSite:
+    """An attention module that was found but is left alone, and why (shown by ``inspect`` and in
+    ``ReplacementReport.skipped``).
+
+    Args:
+        name: qualified module name.
+        module_type: class name of the module.
+        kind: its site kind (one of ``SITE_KINDS``), or "unsupported" when it could not be described.
+        reason: one line saying why it is skipped and what would change that.
+    """
+
+    name: str
+    module_type: str
+    kind: str
+    reason: str
+
+    COLUMNS = ("name", "type", "kind", "reason")
+
+    def row(self) -> list[str]:
+        return [self.name, self.module_type, self.kind, self.reason]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class SiteList(list):
+    """``find_attention``'s result: a plain list of ``AttentionSite`` plus ``skipped``, the modules
+    that own an attention core but could not be described (a ``SkippedSite`` each)."""
+
+    def __init__(self, sites=(), skipped=()) -> None:
+        super().__init__(sites)
+        self.skipped: tuple[SkippedSite, ...] = tuple(skipped)
