@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from surgery.errors import SurgeryError, UnsupportedSiteError
-from surgery.locate import find_attention
-from surgery.registry import MixerShape, ReplacementConfig, get_replacement
-from surgery.sites import AttentionSite
+from surgery.inputs import as_args_kwargs, default_example_inputs, without_cache
+from surgery.locate import _Call, _causal_probe, _first_tensor, _hidden_states, find_attention
+from surgery.registry import MixerShape, Replacement, ReplacementConfig, get_replacement
+from surgery.sites import AttentionSite, SkippedSite
 
 #: plain attributes of the original block copied onto the wrapper, since callers read them
 #: (nn.TransformerEncoderLayer reads self_attn.batch_first, HF code reads head counts)
@@ -80,8 +81,8 @@ class ReplacedAttention(nn.Module):
             if self.original is None:
                 raise SurgeryError(f"site {self.site.name!r} was finalized: its original is gone")
             return self.original(*args, **kwargs)
-        _refuse_filled_cache(self.site.name, kwargs)
         hidden, valid = self.read_inputs(args, kwargs)
+        _refuse_incremental_decoding(self.site.name, kwargs, hidden.shape[1])
         output = self.project(self.mixer(hidden, valid))
         return self.pack_output(output)
 
@@ -108,19 +109,44 @@ class ReplacedAttention(nn.Module):
 
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+_POSITION_KWARGS = ("cache_position", "position_ids")
+_SEEN_BY = "_surgery_seen_by"  # attribute marking a cache object with the replaced sites it reached
 
 
-def _refuse_filled_cache(site: str, kwargs: dict) -> None:
-    # A sequence mixer sees only the tokens it is given: with earlier tokens held in a KV cache
-    # (incremental decoding) its output would silently be wrong.
+def _refuse_incremental_decoding(site: str, kwargs: dict, tokens: int) -> None:
+    """Refuse a call that feeds only the newest tokens next to a cache (incremental decoding).
+
+    A sequence mixer sees only the tokens it is given and writes nothing to the cache, so the
+    cache's length stays 0 and a length check alone never fires: the same cache object reaching
+    the site a second time, or positions beyond the tokens given, show it too.
+    """
     for key in _CACHE_KWARGS:
         cache = kwargs.get(key)
+        if cache is None:
+            continue
         length = getattr(cache, "get_seq_length", None)
-        if cache is not None and callable(length) and length() > 0:
+        seen = getattr(cache, _SEEN_BY, None)
+        reason = None
+        if callable(length) and length() > 0:
+            reason = "got a filled KV cache"
+        elif isinstance(seen, set) and site in seen:
+            reason = "got the same cache a second time"
+        else:
+            for name in _POSITION_KWARGS:
+                position = kwargs.get(name)
+                if isinstance(position, torch.Tensor) and position.numel() and int(position.max()) >= tokens:
+                    reason = f"got {tokens} token(s) at {name} up to {int(position.max())}"
+                    break
+        if reason:
             raise SurgeryError(
-                f"site {site!r} got a filled KV cache: incremental decoding is not supported with "
-                "replaced attention; call the model on the full sequence with use_cache=False"
+                f"site {site!r} {reason}: incremental decoding is not supported with replaced "
+                "attention (it keeps no cache); call generate(..., use_cache=False) or the model "
+                "on the full sequence with use_cache=False"
             )
+        try:
+            setattr(cache, _SEEN_BY, (seen if isinstance(seen, set) else set()) | {site})
+        except (AttributeError, TypeError):  # a cache type without attributes: the checks above remain
+            pass
 
 
 def _attribute_name(path: str | None) -> str | None:
@@ -161,13 +187,15 @@ class SiteReport:
 
 @dataclass(frozen=True)
 class ReplacementReport:
-    """What ``replace_attention`` did: the replacement, the sites and parameter counts."""
+    """What ``replace_attention`` did: the replacement, the sites and parameter counts, and the
+    attention sites left alone with the reason (``skipped``, a ``SkippedSite`` each)."""
 
     replacement: str
     config: dict
     sites: tuple[SiteReport, ...]
     params_before: int
     params_after: int
+    skipped: tuple[SkippedSite, ...] = ()
 
     COLUMNS = ("site", "params before", "params after", "ratio")
 
@@ -211,6 +239,103 @@ def replaced_sites(model: nn.Module) -> Iterator[ReplacedAttention]:
     return (m for m in model.modules() if isinstance(m, ReplacedAttention))
 
 
+#: what each kind is, for the reason a site is skipped
+_KIND_TEXT = {
+    "cross": "cross-attention: its keys and values come from another sequence",
+    "query-subset": "query-subset attention (class or pooling queries): it returns another number of tokens than it reads",
+    "windowed": "windowed attention: its hidden states are a [B, H, W, C] grid attended window by window",
+}
+
+
+def _kind_reason(site: AttentionSite, spec: Replacement) -> str:
+    detail = f" ({site.note})" if site.note else ""
+    return (f"{_KIND_TEXT.get(site.kind, site.kind + ' attention')}{detail}; {spec.name!r} serves "
+            f"{', '.join(_serves(spec))} sites only")
+
+
+def _serves(spec: Replacement) -> tuple[str, ...]:
+    return tuple(getattr(spec, "serves", None) or ("self",))  # the registry's kinds hook
+
+
+def _layout(output: Any) -> tuple:
+    """What the rest of the model sees of a site's output: container, length, main tensor's shape and dtype."""
+    first = _first_tensor(output)
+    main = (tuple(first.shape), first.dtype) if first is not None else None
+    if isinstance(output, torch.Tensor):
+        return ("tensor", main)
+    if isinstance(output, (tuple, list)):
+        return (type(output).__name__, len(output), main)
+    return (type(output).__name__, main)
+
+
+def _record_site_calls(model: nn.Module, names: list[str], args: tuple, kwargs: dict) -> dict[str, _Call]:
+    """Run the model once and keep each named module's first inputs and output."""
+    calls: dict[str, _Call] = {}
+    handles = []
+    for name in names:
+        def hook(module, a, kw, out, name=name):
+            calls.setdefault(name, _Call(a, kw, out))
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*args, **without_cache(model, kwargs))
+    except Exception as error:
+        raise SurgeryError(
+            f"the model failed on the example inputs ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); pass inputs the model's forward accepts"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return calls
+
+
+def _verify(model: nn.Module, built: list, args: tuple, kwargs: dict) -> dict[str, str]:
+    """Run each replacement on the inputs its site got from the example inputs; return
+    ``{site name: reason}`` for each one whose output the rest of the model would see differently
+    (container, tokens, width, dtype) or that is not causal where the site is."""
+    calls = _record_site_calls(model, [site.name for site, _, _ in built], args, kwargs)
+    problems: dict[str, str] = {}
+    for site, _, wrapper in built:
+        call = calls.get(site.name)
+        if call is None:
+            problems[site.name] = "not called by the model's forward on the example inputs"
+            continue
+        wrapper.eval()
+        try:
+            with torch.no_grad():
+                output = wrapper(*call.args, **{k: (None if k in _CACHE_KWARGS else v)
+                                                for k, v in call.kwargs.items()})
+        except Exception as error:  # noqa: BLE001 - any failure is a reason to leave the site alone
+            problems[site.name] = (f"the replacement failed on the site's inputs ({type(error).__name__}: "
+                                   f"{str(error).splitlines()[0][:120] if str(error) else ''})")
+            continue
+        expected, got = _layout(call.output), _layout(output)
+        if expected != got:
+            problems[site.name] = f"the replacement returns {got}, the original {expected}"
+            continue
+        hidden, _ = _hidden_states(wrapper, call)
+        if site.causal and hidden is not None and _causal_probe(
+                wrapper, call, hidden, 1 if site.batch_first else 0) is False:
+            problems[site.name] = "the site is causal but its replacement's first output reads later tokens"
+    return problems
+
+
+def _prefer_full_prefix(model: nn.Module) -> None:
+    # A replaced causal site keeps no KV cache, so a HuggingFace model must recompute the whole
+    # prefix at every generation step: generate() defaults to use_cache=False. An explicit
+    # use_cache=True, or a cache fed back by hand, is refused at the site on the next step (see
+    # _refuse_incremental_decoding). A plain call still returns its cache object, as before.
+    for module in model.modules():
+        generation = getattr(module, "generation_config", None)
+        if generation is not None and getattr(generation, "use_cache", None):
+            generation.use_cache = False
+
+
 def replace_attention(
     model: nn.Module,
     replacement: str = "mhlstm",
@@ -221,12 +346,18 @@ def replace_attention(
     exclude: str | list[str] | None = None,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     sites: list[AttentionSite] | None = None,
+    on_unsupported: str = "raise",
 ) -> ReplacementReport:
     """Replace every attention block of ``model`` (in place) with the replacement ``replacement``.
 
-    All sites are located and checked, and every replacement module is built, before the first
-    change, so a failure leaves the model untouched. The originals stay inside the wrappers (they
-    are the distillation teachers) until ``finalize(model)``.
+    Stages, all checks first: locate the sites; keep those whose kind the replacement serves
+    (``register_replacement(serves=...)``; built-ins serve "self"); build every replacement; run the
+    example inputs through each one and compare its output (container, shape, dtype, causality)
+    with the original's; only then swap. A failure leaves the model untouched, never half-replaced.
+    The originals stay inside the wrappers (the distillation teachers) until ``finalize(model)``.
+    Each replacement takes the training mode of the block it replaces. A HuggingFace model with
+    causal replaced sites gets ``use_cache=False`` in its generation config: replaced sites keep
+    no KV cache, so ``generate()`` recomputes the full prefix (and refuses ``use_cache=True``).
 
     Args:
         model: the model to change in place.
@@ -234,40 +365,56 @@ def replace_attention(
         example_inputs: inputs the model accepts (see ``find_attention``); None guesses them.
         config: the replacement's config dataclass, or a dict of its settings.
         targets, exclude, filter_fn: choose sites (see ``find_attention``).
-        sites: already located sites (skips locating; ``load`` uses this).
+        sites: already located sites (skips locating; ``load`` uses this). Without
+            ``example_inputs`` they are not run again (they were checked when first replaced).
+        on_unsupported: "raise" (default): a site the replacement cannot serve, or whose
+            replacement fails the check, raises ``UnsupportedSiteError`` naming it; "skip": leave
+            it alone and list it in the report's ``skipped`` with the reason.
 
     Returns:
-        A ``ReplacementReport`` with per-site parameter counts.
+        A ``ReplacementReport`` with per-site parameter counts and the skipped sites.
 
     Example:
         >>> import timm, surgery
         >>> model = timm.create_model("deit_tiny_patch16_224")
         >>> report = surgery.replace_attention(model, "mhlstm")
-        >>> len(report.sites)
-        12
+        >>> len(report.sites), report.skipped
+        (12, ())
     """
+    if on_unsupported not in ("raise", "skip"):
+        raise SurgeryError(f"unknown on_unsupported {on_unsupported!r}; use 'raise' or 'skip'")
     spec = get_replacement(replacement)
     if not isinstance(config, ReplacementConfig):
         config = spec.config_class.from_dict(config)
+    inputs = None
     if sites is None:
-        sites = find_attention(model, example_inputs, targets=targets, exclude=exclude,
-                               filter_fn=filter_fn)
+        inputs = as_args_kwargs(example_inputs) if example_inputs is not None else default_example_inputs(model)
+        sites = find_attention(model, inputs, targets=targets, exclude=exclude, filter_fn=filter_fn,
+                               on_unsupported=on_unsupported)
+    elif example_inputs is not None:
+        inputs = as_args_kwargs(example_inputs)
+    skipped: list[SkippedSite] = list(getattr(sites, "skipped", ()))
     # check everything before the first change
     modules = dict(model.named_modules())
-    cross = [s.name for s in sites if s.kind != "self"]
-    if cross:
-        raise UnsupportedSiteError(
-            f"{replacement!r} cannot serve cross-attention sites {cross}: a sequence mixer reads one "
-            "sequence only; pass exclude=[...] to leave them"
-        )
     already = [s.name for s in sites if isinstance(modules.get(s.name), ReplacedAttention)]
     if already:
         raise UnsupportedSiteError(f"sites {already} are already replaced; load or finalize first")
     missing = [s.name for s in sites if s.name not in modules]
     if missing:
         raise UnsupportedSiteError(f"sites {missing} are not modules of {type(model).__name__}")
-    built = []
+    served = []
     for site in sites:
+        if site.kind in _serves(spec):
+            served.append(site)
+            continue
+        if on_unsupported == "raise":
+            raise UnsupportedSiteError(
+                f"{replacement!r} cannot serve site {site.name!r}, {_kind_reason(site, spec)}; pass "
+                "exclude=[...] or on_unsupported='skip' (CLI: without --strict) to leave it alone"
+            )
+        skipped.append(SkippedSite(site.name, site.module_type, site.kind, _kind_reason(site, spec)))
+    built = []
+    for site in served:
         original = modules[site.name]
         shape = MixerShape(site.embed_dim, site.context_dim, site.num_heads, site.causal)
         try:
@@ -278,16 +425,36 @@ def replace_attention(
         if reference is not None:
             mixer.to(device=reference.device, dtype=reference.dtype)
         built.append((site, original, ReplacedAttention(site, mixer, original, replacement, config)))
+    if inputs is not None and built:
+        problems = _verify(model, built, *inputs)
+        if problems and on_unsupported == "raise":
+            name, reason = next(iter(problems.items()))
+            raise UnsupportedSiteError(
+                f"site {name!r} failed the check before the swap ({reason}); nothing was replaced. "
+                "Pass exclude=[...] or on_unsupported='skip' to leave it alone"
+            )
+        skipped += [SkippedSite(site.name, site.module_type, site.kind, f"failed the check: {problems[site.name]}")
+                    for site, _, _ in built if site.name in problems]
+        built = [entry for entry in built if entry[0].name not in problems]
+    if not built:
+        raise UnsupportedSiteError(
+            f"{replacement!r} can serve none of the {len(sites)} attention site(s) of "
+            f"{type(model).__name__}: " + "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+        )
     # mutate
     reports = []
     params_before = count_parameters(model)
     for site, original, wrapper in built:
+        wrapper.train(original.training)
         parent_name, _, child = site.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapper)
         after = count_parameters(wrapper)
         reports.append(SiteReport(site, sum(p.numel() for p in original.parameters()), after))
+    if any(site.causal for site, _, _ in built):
+        _prefer_full_prefix(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return ReplacementReport(replacement, config.to_dict(), tuple(reports), params_before,
-                             count_parameters(model))
+                             count_parameters(model), tuple(sorted(skipped, key=lambda s: order.get(s.name, 0))))
 
 
 def finalize(model: nn.Module) -> nn.Module:

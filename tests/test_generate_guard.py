@@ -1,0 +1,71 @@
+"""A replaced causal HF model generates exactly what the uncached greedy loop gives, or refuses."""
+
+import pytest
+import torch
+
+import surgery
+from models import ids, tiny_gpt2_lm, tiny_llama_lm
+
+FAMILIES = {"gpt2": tiny_gpt2_lm, "llama": tiny_llama_lm}
+
+
+def _replaced(family: str, replacement: str = "mhlstm"):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    prompt = ids(1, 5)
+    surgery.replace_attention(model, replacement, {"input_ids": prompt})
+    return model, prompt
+
+
+def _greedy_without_cache(model, prompt, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, scores = prompt, []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=tokens, use_cache=False).logits[:, -1]
+            scores.append(logits)
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens, torch.stack(scores, 1)
+
+
+@pytest.mark.parametrize("replacement", ["mhlstm", "conv"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_default_generate_equals_the_uncached_greedy_loop(family, replacement):
+    model, prompt = _replaced(family, replacement)
+    assert model.generation_config.use_cache is False
+    tokens, scores = _greedy_without_cache(model, prompt, 6)
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(generated.sequences, tokens)
+    # the logits, not just the argmax: tiny random models often pick the same tokens either way
+    torch.testing.assert_close(torch.stack(generated.logits, 1), scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_with_use_cache_true_refuses_in_one_line(family):
+    model, prompt = _replaced(family)
+    with pytest.raises(surgery.SurgeryError, match="use_cache=False") as error:
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=3, do_sample=False, use_cache=True)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_manual_incremental_step_with_an_empty_cache_is_refused():
+    """The replaced sites write nothing to the cache, so its length stays 0: the guard must still
+    see that the next call feeds only the newest token."""
+    model, prompt = _replaced("gpt2")
+    with torch.no_grad():
+        first = model(input_ids=prompt, use_cache=True)
+        assert first.past_key_values.get_seq_length() == 0
+        with pytest.raises(surgery.SurgeryError, match="incremental decoding"):
+            model(input_ids=prompt[:, -1:], past_key_values=first.past_key_values, use_cache=True)
+
+
+def test_a_fresh_cache_on_a_full_sequence_is_fine():
+    model, prompt = _replaced("llama")
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        with_cache = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        without = model(input_ids=prompt, use_cache=False)
+    torch.testing.assert_close(with_cache.logits, without.logits, rtol=1e-5, atol=1e-6)
