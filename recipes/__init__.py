@@ -2,16 +2,22 @@
 
 Recipes are registered by name, so the CLI (``surgery recipe <name>``) and the docs are generated
 from the registry. Built-ins: ``deit`` (FAR's recipe for DeiT-T/S/B on ImageNet-style folders),
-``mnist`` (a DeiT-style ViT on the real bundled MNIST digits) and ``minilm`` (the real
-all-MiniLM-L6-v2 sentence encoder).
+``mnist`` (a DeiT-style ViT on the real bundled MNIST digits), ``minilm`` (the real
+all-MiniLM-L6-v2 sentence encoder) and ``causal-lm`` (a pretrained causal LM, the real
+SmolLM2-135M-Instruct by default).
 
 Example:
     >>> import recipes
     >>> [r.name for r in recipes.list_recipes()]
-    ['deit', 'minilm', 'mnist']
+    ['causal-lm', 'deit', 'minilm', 'mnist']
 """
 
 from __future__ import annotations
+
+if __name__ != "surgery.recipes":  # the old top-level name, from a source checkout: the same modules
+    from surgery._compat import alias_package
+
+    alias_package(__name__, "surgery.recipes")
 
 import dataclasses
 import fnmatch
@@ -59,7 +65,7 @@ class Recipe:
 
 
 _RECIPES: dict[str, Recipe] = {}
-_BUILTINS = ("recipes.deit", "recipes.mnist", "recipes.minilm")
+_BUILTINS = tuple(f"{__name__}.{name}" for name in ("deit", "mnist", "minilm", "causal_lm"))
 
 
 def register_recipe(name: str, description: str, config_class: type, run: Callable[..., dict]) -> Recipe:

@@ -87,6 +87,8 @@ def check_gguf(path: str | os.PathLike) -> str:
 def _cache_dir_for(path: Path, name: str | None) -> Path:
     if name:
         return cache_root() / name
+    if not path.is_file():
+        raise WeightsUnavailableError(f"GGUF file {str(path)!r} does not exist; give gguf:<path to a .gguf file>")
     stat = path.stat()
     digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return cache_root() / "gguf" / f"{path.stem}-{digest}"

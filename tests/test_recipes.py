@@ -27,7 +27,7 @@ def quiet(_: str) -> None:
 # ------------------------------------------------------------------------------------ registry
 
 def test_registry_lists_builtins_and_rejects_unknown_names():
-    assert [r.name for r in recipes.list_recipes()] == ["deit", "minilm", "mnist"]
+    assert [r.name for r in recipes.list_recipes()] == ["causal-lm", "deit", "minilm", "mnist"]
     with pytest.raises(UnknownNameError, match="did you mean|Did you mean"):
         recipes.get_recipe("mnsit")
 
@@ -172,7 +172,7 @@ def test_cli_lists_recipes_and_explains_settings():
     result = runner.invoke(app, ["recipe", "list", "--json"])
     assert result.exit_code == 0
     listed = {r["name"]: r for r in json.loads(result.output)}
-    assert set(listed) == {"deit", "minilm", "mnist"}
+    assert set(listed) == {"causal-lm", "deit", "minilm", "mnist"}
     assert listed["deit"]["settings"]["base_lr_stage1"] == 5e-4
     result = runner.invoke(app, ["recipe", "deit", "--help"])
     assert result.exit_code == 0
