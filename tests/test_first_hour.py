@@ -39,7 +39,7 @@ def test_minilm_alias_applies_the_recipe_route(tmp_path, monkeypatch):
                                 "init_batches": config.init_batches, "site_weight": config.site_weight,
                                 "freeze": config.freeze, "max_seconds": 300}
     said = " ".join(result.stderr.split())  # the console may wrap the line
-    assert "recipes/minilm.py" in said and "--mode e2e" in said
+    assert "recipes/minilm.py" in said and "--mode e2e" in said, said
     assert f"--distill-set init_batches={config.init_batches}" in said
     assert "--distill-set 'freeze=*.word_embeddings.*'" in said
 
@@ -47,15 +47,25 @@ def test_minilm_alias_applies_the_recipe_route(tmp_path, monkeypatch):
 def test_every_flag_overrides_the_route_and_minutes_sets_max_seconds(tmp_path, monkeypatch):
     calls = _capture_distill(monkeypatch)
     result = runner.invoke(app, ["replace", "--model", "minilm", "--with", "conv", "--data", "text:builtin",
-                                 "--out", str(tmp_path / "run"), "--steps", "7", "--mode", "blockwise",
-                                 "--lr", "0.01", "--distill-set", "site_weight=0.5", "--minutes", "2"])
+                                 "--out", str(tmp_path / "run"), "--steps", "7", "--lr", "0.01",
+                                 "--distill-set", "site_weight=0.5", "--minutes", "2"])
     assert result.exit_code == 0, result.output
     (call,) = calls
-    assert (call["mode"], call["steps"], call["lr"]) == ("blockwise", 7, 0.01)
+    assert (call["mode"], call["steps"], call["lr"]) == ("e2e", 7, 0.01)
     assert call["settings"]["site_weight"] == 0.5 and call["settings"]["max_seconds"] == 120.0
     said = " ".join(result.stderr.split())
     assert "--steps" not in said and "site_weight" not in said and "max_seconds" not in said
     assert "--distill-set init=teacher" in said  # what was not given still comes from the route
+
+
+def test_another_mode_than_the_route_s_drops_the_route(tmp_path, monkeypatch):
+    calls = _capture_distill(monkeypatch)
+    result = runner.invoke(app, ["replace", "--model", "minilm", "--with", "conv", "--data", "text:builtin",
+                                 "--out", str(tmp_path / "run"), "--mode", "blockwise", "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    assert call["mode"] == "blockwise" and call["lr"] is None and call["settings"] == {}
+    assert "not applied" in " ".join(result.stderr.split())
 
 
 def test_a_model_without_a_route_gets_no_defaults(tmp_path, monkeypatch):

@@ -75,6 +75,13 @@ def apply_recipe_defaults(model: str, flags: dict[str, Any], settings: dict[str,
     if found is None:
         return flags, settings
     recipe, route = found
+    module = sys.modules.get(recipe)
+    where = "/".join(Path(module.__file__).parts[-2:]) if module and getattr(module, "__file__", None) else recipe
+    if flags.get("mode") is not None and flags["mode"] != route.get("mode"):
+        # the route's settings were measured together in its mode; half of them would not fit another
+        err_console.print(f"--model {model}: --mode {flags['mode']} is not the {route.get('mode')} route of "
+                          f"{where}; its other defaults are not applied", highlight=False, soft_wrap=True)
+        return flags, settings
     flags, settings, applied = dict(flags), dict(settings), []
     for key, value in route.items():
         if key in flags and flags[key] is None:
@@ -85,7 +92,7 @@ def apply_recipe_defaults(model: str, flags: dict[str, Any], settings: dict[str,
             settings[key] = value
             applied.append("--distill-set " + shlex.quote(f"{key}={value}"))
     if applied:
-        err_console.print(f"--model {model}: the route of {recipe.replace('.', '/')}.py sets "
+        err_console.print(f"--model {model}: the route in {where} sets "
                           + " ".join(applied) + "; any flag overrides", highlight=False, soft_wrap=True)
     return flags, settings
 
