@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.data import Batches, data_from_spec, padding_mask_of, split_batch, to_device
-from surgery.distill import augment
+import surgery.distill.augment as augment
 from surgery.distill.cache import TeacherCache, batch_digest
 from surgery.distill.capture import SiteRecord, StudentCapture, TeacherCapture
 from surgery.distill.fastpath import fast_mixers, site_forward
@@ -53,11 +53,12 @@ from surgery.distill.fidelity import (
     FidelityReport, call_model, evaluate_fidelity, main_output, mean_pool, output_kind,
 )
 from surgery.distill.rundir import FIDELITY, RunDirectory
+from surgery.distill.settings import RULES, check_names, check_settings
 from surgery.errors import DataError, SurgeryError, TrainingDivergedError
 from surgery.progress import NullProgress, Progress
 from surgery.swap import replaced_sites
 
-MODES = ("blockwise", "e2e")
+MODES = RULES["mode"].choices  # ("blockwise", "e2e")
 
 
 @dataclass
@@ -319,12 +320,10 @@ def _trainable(student: nn.Module, train: str, freeze: str | None = None) -> lis
     wrappers = list(replaced_sites(student))
     if train == "replacements":
         ids = {id(p) for w in wrappers for p in w.mixer.parameters()}
-    elif train == "all":
+    else:  # "all" (distill() checked the setting)
         teacher_ids = {id(p) for w in wrappers if w.original is not None for p in w.original.parameters()}
         shared = {id(p) for w in wrappers if w.out_projection is not None for p in w.out_projection.parameters()}
         ids = {id(p) for p in student.parameters()} - (teacher_ids - shared)
-    else:
-        raise SurgeryError(f"train must be 'replacements' or 'all', not {train!r}")
     seen, chosen, matched = set(), [], set()
     for name, p in student.named_parameters():
         hits = {pattern for pattern in patterns if fnmatch.fnmatchcase(name, pattern)}
@@ -370,7 +369,8 @@ def distill(
             integer labels), or a built-in spec such as ``"text:builtin"`` / ``"mnist"``
             (``surgery.data.data_from_spec``). Re-iterated (with ``set_epoch``) when exhausted.
         mode: "blockwise" (teacher-forced, default) or "e2e" (student runs on its own activations).
-        steps: optimizer steps (one batch per step and process).
+        steps: optimizer steps (one batch per step and process); 0 trains nothing (the student is
+            evaluated, initialised with ``init="teacher"``, and saved as it is).
         lr: peak AdamW learning rate (linear warm-up, then cosine decay).
         batch_size: batch size for spec-string data.
         run_dir: a directory for config, metrics, checkpoints and the final model (None: no files).
@@ -424,37 +424,64 @@ def distill(
         >>> result.sites[0].relative_mse_after < result.sites[0].relative_mse_before
         True
     """
-    unknown = set(settings) - {f.name for f in dataclasses.fields(DistillConfig)}
-    if unknown:
-        raise SurgeryError(f"unknown distill setting(s) {sorted(unknown)}; see surgery.distill.DistillConfig")
-    if mode not in MODES:
-        raise SurgeryError(f"mode must be one of {MODES}, not {mode!r}")
-    if steps < 1:
-        raise SurgeryError(f"steps must be at least 1, not {steps}")
-    if batch_transform is not None and (settings.get("mixup") or settings.get("cutmix")):
-        raise SurgeryError("give either batch_transform or the mixup/cutmix settings, not both")
-    kl_weight = settings.get("kl_weight")
-    if kl_weight is not None and (isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float))
-                                  or kl_weight < 0):
-        raise SurgeryError(f"kl_weight must be a number >= 0 (or None: no combined term), not {kl_weight!r}")
-    if kl_weight is not None and mode != "e2e":
-        raise SurgeryError("kl_weight needs mode='e2e' (blockwise trains on the sites' contexts only, "
-                           "without a task term)")
-    hoyer_weight = settings.get("hoyer_weight", 0.0)
-    if isinstance(hoyer_weight, bool) or not isinstance(hoyer_weight, (int, float)) or hoyer_weight < 0:
-        raise SurgeryError(f"hoyer_weight must be a number >= 0 (0 turns it off), not {hoyer_weight!r}")
+    check_names(settings, [f.name for f in dataclasses.fields(DistillConfig)])
     config = DistillConfig(mode=mode, steps=steps, lr=lr, seed=seed, batch_size=batch_size, **settings)
     if isinstance(data, str):
         config.data = data
     if isinstance(eval_data, str):
         config.eval_data = eval_data
-    device = torch.device(device) if device is not None else next(student.parameters()).device
+    # every check before the student is moved, the teacher copied, data read or a file written
+    check_settings(config)
+    device = _check_call(teacher, student, data, eval_data, config, run_dir, resume, batch_transform, device)
     world = init_from_env(device)
     try:
         return _Trainer(teacher, student, data, eval_data, config, device, world, run_dir, resume,
                         progress or NullProgress(), batch_transform).run()
     finally:
         shutdown(world)
+
+
+def _check_call(teacher, student, data, eval_data, config: DistillConfig, run_dir, resume: bool,
+                batch_transform, device) -> torch.device:
+    """The checks of ``distill``'s arguments that need the models (read-only); returns the device."""
+    for name, model in (("student", student), ("teacher", teacher)):
+        if not isinstance(model, nn.Module) and (name == "student" or model is not None):
+            raise SurgeryError(f"distill's {name} must be a torch nn.Module, not {type(model).__name__}"
+                               + ("; pass None to use the originals the student keeps" if name == "teacher" else ""))
+    for name, batches in (("data", data), ("eval_data", eval_data)):
+        if batches is not None and not isinstance(batches, str) and not hasattr(batches, "__iter__"):
+            raise DataError(f"distill's {name} must be an iterable of batches or a spec string such as "
+                            f"'text:builtin', not {type(batches).__name__}")
+    if resume and run_dir is None:
+        raise SurgeryError("resume=True needs run_dir (the directory holding the checkpoint)")
+    if config.cache == "run" and run_dir is None:
+        raise SurgeryError("distill setting cache='run' needs run_dir; give run_dir or a cache directory")
+    if batch_transform is not None:
+        if not callable(batch_transform):
+            raise SurgeryError(f"batch_transform must be callable (images, labels) -> (images, soft labels), "
+                               f"not {type(batch_transform).__name__}")
+        if config.mixup or config.cutmix:
+            raise SurgeryError("give either batch_transform or the mixup/cutmix settings, not both")
+        if config.cache:
+            raise SurgeryError("cache never hits with a batch transform (every mixed batch is new); drop cache "
+                               "or the transform")
+    wrappers = list(replaced_sites(student))
+    if not wrappers:
+        raise SurgeryError("the student has no replaced attention sites; run surgery.replace_attention first")
+    if config.hoyer_weight:
+        # the very units surgery.prune ranks (surgery.sparsity sits below both prune and distill)
+        from surgery.sparsity import replacement_unit_sets
+
+        if not any(True for _ in replacement_unit_sets(student)):
+            names = sorted({w.replacement for w in wrappers})
+            raise SurgeryError(f"hoyer_weight needs replacements with prunable units; {names} have no "
+                               "pruner (see surgery.list_replacements)")
+    _trainable(student, config.train, config.freeze)  # freeze patterns that match nothing, nothing left
+    try:
+        return torch.device(device) if device is not None else next(student.parameters()).device
+    except (RuntimeError, TypeError) as error:
+        raise SurgeryError(f"device {device!r} is not a torch device ({str(error).splitlines()[0][:80]}); "
+                           "give e.g. 'cpu' or 'cuda'") from None
 
 
 class _Trainer:
@@ -465,8 +492,6 @@ class _Trainer:
         self.progress = progress
         self.rundir = None if run_dir is None else RunDirectory(run_dir, writer=world.main)
         self.resume = resume
-        if resume and self.rundir is None:
-            raise SurgeryError("resume=True needs run_dir")
         torch.manual_seed(config.seed)
         self.data = self._resolve_data(data, "train")
         self.held_out = True
@@ -477,18 +502,11 @@ class _Trainer:
         else:
             self.eval_data, self.held_out = self.data, False
         self.wrappers = {w.site.name: w for w in replaced_sites(student)}
-        if not self.wrappers:
-            raise SurgeryError("the student has no replaced attention sites; run surgery.replace_attention first")
         self.hoyer_square = None
         if config.hoyer_weight:
-            # the very function surgery.prune ranks by (imported here: torch-pruning loads only when used)
-            from surgery.prune.engine import replacement_bundles_sets
-            from surgery.prune.importance import hoyer_square
+            # the very function surgery.prune ranks by (distill() checked the units exist)
+            from surgery.sparsity import hoyer_square
 
-            if not any(True for _ in replacement_bundles_sets(student)):
-                names = sorted({w.replacement for w in self.wrappers.values()})
-                raise SurgeryError(f"hoyer_weight needs replacements with prunable units; {names} have no "
-                                   "pruner (see surgery.list_replacements)")
             self.hoyer_square = hoyer_square
 
     def _resolve_data(self, data, split: str):
@@ -547,7 +565,7 @@ class _Trainer:
             for n, w in self.wrappers.items():
                 w.use_original = previous[n]
 
-    def eval_source_for_init(self):
+    def init_source(self):
         """Training batches for the initial fit (never the held-out ones), in epoch-0 order."""
         if hasattr(self.data, "set_epoch"):
             self.data.set_epoch(0)
@@ -686,12 +704,10 @@ class _Trainer:
         config, run = self.config, self.rundir
         if config.init == "none":
             return
-        if config.init != "teacher":
-            raise SurgeryError(f"init must be 'none' or 'teacher', not {config.init!r}")
         from surgery.distill.init import initialise_from_teacher
 
         began = time.monotonic()
-        chosen = initialise_from_teacher(self.student, self.eval_source_for_init(),
+        chosen = initialise_from_teacher(self.student, self.init_source(),
                                          batches=config.init_batches, labelled=config.labelled)
         self.progress.message(f"initialised {len(chosen)} sites from the teacher's value projections "
                               f"in {time.monotonic() - began:.0f} s")
@@ -719,12 +735,8 @@ class _Trainer:
         config, run = self.config, self.rundir
         if not config.cache:
             return None
-        if self.mix is not None:
-            raise SurgeryError("cache never hits with mixup/cutmix or a batch transform (every mixed batch is "
-                               "new); drop cache or the mixing")
-        directory = (run.path / "teacher_cache") if config.cache == "run" and run is not None else config.cache
-        if directory == "run":
-            raise SurgeryError("cache='run' needs run_dir")
+        # distill() refused cache with mixing (no batch would repeat) and cache="run" without run_dir
+        directory = run.path / "teacher_cache" if config.cache == "run" else config.cache
         return TeacherCache(Path(directory) / f"rank{self.world.rank}", config.cache_megabytes)
 
     def _train_step(self, state: _LoopState, batch: Any) -> None:
@@ -899,10 +911,7 @@ class _Trainer:
             for name, record, prediction in zip(names, records, predictions):
                 site_losses[name] = _relative_site_loss(prediction, record.target, record.mask, scales[name],
                                                         config.cosine_weight)
-            task = None
-            if config.train == "all":
-                raise SurgeryError("train='all' needs mode='e2e' (blockwise trains the mixers only)")
-            return site_losses, task
+            return site_losses, None
         with StudentCapture(self.student) as student_capture, fast_mixers(self.student, config.fast):
             student_out = call_model(self.student, args, kwargs)
         for name in self.wrappers:
