@@ -44,9 +44,25 @@ def without_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _decoder_inputs(config: Any, batch: int, length: int, generator: torch.Generator,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """Decoder inputs of an encoder-decoder (T5, BART, ...): the start token, then random ids.
+
+    Shorter than the encoder's, so cross-attention (decoder queries, encoder keys) shows as such.
+    """
+    vocab = getattr(config, "vocab_size")
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "pad_token_id", None) or 0
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    ids[:, 0] = int(start)
+    return {"decoder_input_ids": ids.to(device),
+            "decoder_attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
+
+
 def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 16) -> Inputs:
-    """Example inputs for timm models, HF models and ``nn.TransformerEncoder``, or from the model's
-    own ``example_inputs()`` method; error otherwise.
+    """Example inputs for timm models, HF models (encoder-decoders get decoder inputs too) and
+    ``nn.TransformerEncoder``, or from the model's own ``example_inputs()`` method; error otherwise.
 
     Example:
         >>> import timm
@@ -69,8 +85,11 @@ def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 16) 
     if config is not None and hasattr(config, "model_type"):
         if getattr(config, "vocab_size", None):
             ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
-            return (), {"input_ids": ids.to(device),
-                        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device)}
+            inputs = {"input_ids": ids.to(device),
+                      "attention_mask": torch.ones(batch, seq_len, dtype=torch.long, device=device)}
+            if getattr(config, "is_encoder_decoder", False):
+                inputs.update(_decoder_inputs(config, batch, max(2, seq_len // 2), generator, device))
+            return (), inputs
         if getattr(config, "image_size", None):
             size = config.image_size
             size = (size, size) if isinstance(size, int) else tuple(size)

@@ -305,24 +305,34 @@ def _verify(model: nn.Module, built: list, args: tuple, kwargs: dict) -> dict[st
         if call is None:
             problems[site.name] = "not called by the model's forward on the example inputs"
             continue
+        modes = {module: module.training for module in wrapper.modules()}  # the original's, too
         wrapper.eval()
         try:
-            with torch.no_grad():
-                output = wrapper(*call.args, **{k: (None if k in _CACHE_KWARGS else v)
-                                                for k, v in call.kwargs.items()})
-        except Exception as error:  # noqa: BLE001 - any failure is a reason to leave the site alone
-            problems[site.name] = (f"the replacement failed on the site's inputs ({type(error).__name__}: "
-                                   f"{str(error).splitlines()[0][:120] if str(error) else ''})")
-            continue
-        expected, got = _layout(call.output), _layout(output)
-        if expected != got:
-            problems[site.name] = f"the replacement returns {got}, the original {expected}"
-            continue
-        hidden, _ = _hidden_states(wrapper, call)
-        if site.causal and hidden is not None and _causal_probe(
-                wrapper, call, hidden, 1 if site.batch_first else 0) is False:
-            problems[site.name] = "the site is causal but its replacement's first output reads later tokens"
+            problem = _check_one(site, wrapper, call)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        if problem:
+            problems[site.name] = problem
     return problems
+
+
+def _check_one(site: AttentionSite, wrapper: ReplacedAttention, call: _Call) -> str | None:
+    try:
+        with torch.no_grad():
+            output = wrapper(*call.args, **{k: (None if k in _CACHE_KWARGS else v)
+                                            for k, v in call.kwargs.items()})
+    except Exception as error:  # noqa: BLE001 - any failure is a reason to leave the site alone
+        text = str(error).splitlines()[0][:120] if str(error) else ""
+        return f"the replacement failed on the site's inputs ({type(error).__name__}: {text})"
+    expected, got = _layout(call.output), _layout(output)
+    if expected != got:
+        return f"the replacement returns {got}, the original {expected}"
+    hidden, _ = _hidden_states(wrapper, call)
+    if site.causal and hidden is not None and _causal_probe(
+            wrapper, call, hidden, 1 if site.batch_first else 0) is False:
+        return "the site is causal but its replacement's first output reads later tokens"
+    return None
 
 
 def _prefer_full_prefix(model: nn.Module) -> None:
@@ -424,7 +434,12 @@ def replace_attention(
         reference = next(original.parameters(), None)
         if reference is not None:
             mixer.to(device=reference.device, dtype=reference.dtype)
-        built.append((site, original, ReplacedAttention(site, mixer, original, replacement, config)))
+        wrapper = ReplacedAttention(site, mixer, original, replacement, config)
+        # mode preserved: a replacement runs as its original did (the original's own modules,
+        # shared by the wrapper, are left exactly as they are)
+        wrapper.training = original.training
+        mixer.train(original.training)
+        built.append((site, original, wrapper))
     if inputs is not None and built:
         problems = _verify(model, built, *inputs)
         if problems and on_unsupported == "raise":
@@ -445,7 +460,6 @@ def replace_attention(
     reports = []
     params_before = count_parameters(model)
     for site, original, wrapper in built:
-        wrapper.train(original.training)
         parent_name, _, child = site.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapper)
         after = count_parameters(wrapper)

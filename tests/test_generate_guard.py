@@ -69,3 +69,26 @@ def test_a_fresh_cache_on_a_full_sequence_is_fine():
         with_cache = model(input_ids=prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
         without = model(input_ids=prompt, use_cache=False)
     torch.testing.assert_close(with_cache.logits, without.logits, rtol=1e-5, atol=1e-6)
+
+
+def test_seq2seq_generate_with_replaced_decoder_self_attention():
+    from models import tiny_t5
+
+    torch.manual_seed(0)
+    model = tiny_t5().eval()
+    report = surgery.replace_attention(model, "mhlstm", on_unsupported="skip")  # cross-attention stays
+    assert report.skipped and all(s.kind == "cross" for s in report.skipped)
+    source = ids(1, 7)
+    decoded, scores = torch.full((1, 1), model.config.decoder_start_token_id), []
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(input_ids=source, decoder_input_ids=decoded, use_cache=False).logits[:, -1]
+            scores.append(logits)
+            decoded = torch.cat([decoded, logits.argmax(-1, keepdim=True)], dim=1)
+        generated = model.generate(source, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(generated.sequences, decoded)
+    torch.testing.assert_close(torch.stack(generated.logits, 1), torch.stack(scores, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(surgery.SurgeryError, match="use_cache=False"):
+        with torch.no_grad():
+            model.generate(source, max_new_tokens=3, do_sample=False, use_cache=True)

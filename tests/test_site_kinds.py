@@ -1,0 +1,242 @@
+"""Attention that is not N-to-N self-attention is reported (kind, reason), never replaced by an
+N-to-N mixer in silence; one unusual site does not stop the others; causality comes from the
+mask reaching the attention core, not from what random weights happen to do (issue 17)."""
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from models import (ClassAttentionModel, DownsamplingModel, HandWrittenModel, TalkingHeadsModel,
+                    TwoStreamModel, WindowedModel, ids, tiny_t5, tiny_vit)
+from surgery.swap import ReplacedAttention
+
+# name -> (factory, inputs, {site: kind} of the unusual sites, the self-attention sites)
+UNUSUAL = {
+    "class_attention": (ClassAttentionModel, lambda: ids(2, 12, 50), {"head": "query-subset"},
+                        ["blocks.0.mixer", "blocks.1.mixer"]),
+    "two_stream": (TwoStreamModel, lambda: (torch.randn(2, 6, 32), torch.randn(2, 5, 32)),
+                   {"cross": "cross"}, ["image.mixer", "text.mixer"]),
+    "downsampling": (DownsamplingModel, lambda: ids(2, 12, 50), {"down": "query-subset"}, ["block.mixer"]),
+    "windowed_4d": (WindowedModel, lambda: ids(2, 16, 50), {"windows": "windowed"}, ["block.mixer"]),
+}
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
+def _build(case):
+    factory, inputs, *_ = UNUSUAL[case]
+    torch.manual_seed(0)
+    return factory().eval(), inputs()
+
+
+@pytest.mark.parametrize("case", list(UNUSUAL))
+def test_unusual_sites_are_found_with_their_kind(case):
+    _, _, unusual, plain = UNUSUAL[case]
+    model, inputs = _build(case)
+    sites = {s.name: s for s in surgery.find_attention(model, inputs)}
+    assert set(sites) == set(unusual) | set(plain)
+    assert {name: sites[name].kind for name in unusual} == unusual
+    assert all(sites[name].kind == "self" and not sites[name].causal for name in plain)
+    assert all(sites[name].note for name in unusual)  # what showed the kind
+
+
+@pytest.mark.parametrize("case", list(UNUSUAL))
+def test_by_default_an_unusual_site_refuses_the_whole_swap(case):
+    _, _, unusual, _ = UNUSUAL[case]
+    model, inputs = _build(case)
+    before = _run(model, inputs)
+    name = next(iter(unusual))
+    with pytest.raises(surgery.UnsupportedSiteError, match=f"'{name}'.*{unusual[name]}") as error:
+        surgery.replace_attention(model, "mhlstm", inputs)
+    assert len(str(error.value).splitlines()) == 1
+    assert not any(isinstance(m, ReplacedAttention) for m in model.modules())  # untouched
+    torch.testing.assert_close(_run(model, inputs), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("replacement", ["mhlstm", "conv"])
+@pytest.mark.parametrize("case", list(UNUSUAL))
+def test_skip_replaces_the_rest_and_reports_the_unusual(case, replacement):
+    _, _, unusual, plain = UNUSUAL[case]
+    model, inputs = _build(case)
+    before = _run(model, inputs)
+    report = surgery.replace_attention(model, replacement, inputs, on_unsupported="skip")
+    assert [s.site.name for s in report.sites] == plain
+    assert {s.name: s.kind for s in report.skipped} == unusual
+    assert all(f"{replacement!r} serves self sites only" in s.reason for s in report.skipped)
+    for name in unusual:
+        assert not isinstance(model.get_submodule(name), ReplacedAttention)
+    after = _run(model, inputs)
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    # the unusual sites still compute what they did: only the replaced ones changed the output
+    surgery.use_original_attention(model)
+    torch.testing.assert_close(_run(model, inputs), before, rtol=1e-6, atol=1e-6)
+
+
+def test_talking_heads_projection_is_the_one_after_the_value_product():
+    torch.manual_seed(0)
+    model, inputs = TalkingHeadsModel().eval(), ids(2, 12, 50)
+    (site,) = surgery.find_attention(model, inputs)
+    # not the Linear(heads, heads) that mixes the softmax weights across heads
+    assert (site.out_proj, site.num_heads, site.head_dim, site.context_dim) == ("proj", 4, 8, 32)
+    before = _run(model, inputs)
+    surgery.replace_attention(model, "mhlstm", inputs, sites=[site])
+    assert _run(model, inputs).shape == before.shape
+    assert model.attn.proj is model.attn.original.proj  # the projection is reused
+
+
+def test_torchvision_swin_windowed_sites_do_not_abort_discovery():
+    import torchvision
+
+    torch.manual_seed(0)
+    swin = torchvision.models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
+        num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    sites = surgery.find_attention(swin, x)
+    assert [(s.name, s.kind, s.embed_dim) for s in sites] == [
+        ("features.1.0.attn", "windowed", 16), ("features.3.0.attn", "windowed", 32)]
+    with pytest.raises(surgery.UnsupportedSiteError, match="can serve none.*windowed"):
+        surgery.replace_attention(swin, "mhlstm", x, on_unsupported="skip")
+
+
+class _NotCalled(nn.Module):
+    """One block the forward never reaches: it cannot be described, the others still are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = HandWrittenModel()
+        self.spare = HandWrittenModel().blocks[0].mixer
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_an_undescribable_site_is_listed_as_skipped_or_raised():
+    model, inputs = _NotCalled().eval(), ids(2, 10, 50)
+    targets = ["model.blocks.0.mixer", "model.blocks.1.mixer", "spare"]
+    sites = surgery.find_attention(model, inputs, targets=targets)
+    assert [s.name for s in sites] == ["model.blocks.0.mixer", "model.blocks.1.mixer"]
+    assert [(s.name, s.kind) for s in sites.skipped] == [("spare", "unsupported")]
+    assert "was not called" in sites.skipped[0].reason
+    with pytest.raises(surgery.SurgeryError, match="'spare' was not called"):
+        surgery.find_attention(model, inputs, targets=targets, on_unsupported="raise")
+    report = surgery.replace_attention(model, "conv", inputs, targets=targets, on_unsupported="skip")
+    assert len(report.sites) == 2 and [s.name for s in report.skipped] == ["spare"]
+
+
+def test_seq2seq_decoder_cross_attention_is_skipped_and_the_rest_replaced():
+    torch.manual_seed(0)
+    model = tiny_t5().eval()
+    sites = {s.name: s for s in surgery.find_attention(model)}  # guessed inputs include decoder ids
+    kinds = {(n.split(".")[0], s.kind, s.causal) for n, s in sites.items()}
+    assert kinds == {("encoder", "self", False), ("decoder", "self", True), ("decoder", "cross", False)}
+    report = surgery.replace_attention(model, "mhlstm", on_unsupported="skip")
+    assert len(report.sites) == 4
+    assert all("EncDecAttention" in s.name and s.kind == "cross" for s in report.skipped)
+    x, y = ids(2, 9), ids(2, 4)
+    assert model(input_ids=x, decoder_input_ids=y).logits.shape == (2, 4, 100)
+
+
+def test_causality_comes_from_the_core_not_from_the_weights():
+    torch.manual_seed(0)
+    vit = tiny_vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert {(s.causal, s.causal_source) for s in surgery.find_attention(vit, x)} == {(False, "graph")}
+    # weights that hide every dependence fool a perturbation probe (nothing moves), not the graph
+    with torch.no_grad():
+        for block in vit.blocks:
+            block.attn.qkv.weight.zero_()
+            block.attn.qkv.bias.zero_()
+    sites = surgery.find_attention(vit, x)
+    assert {(s.causal, s.causal_source) for s in sites} == {(False, "graph")}
+    assert all("probe saw no dependence" in s.note for s in sites)
+    causal = surgery.find_attention(HandWrittenModel(causal=True), ids(vocab=50))
+    assert {(s.causal, s.causal_source) for s in causal} == {(True, "graph")}
+
+
+def test_random_init_timm_vit_tiny_is_bidirectional_everywhere():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    sites = surgery.find_attention(model, torch.randn(1, 3, 224, 224))
+    assert len(sites) == 12 and {(s.causal, s.causal_source) for s in sites} == {(False, "graph")}
+
+
+# ----------------------------------------------------------------------------- verify before commit
+class _DropLastToken(nn.Module):
+    """A broken mixer: one token short."""
+
+    def __init__(self, shape, config) -> None:
+        super().__init__()
+        self.proj = nn.Linear(shape.input_dim, shape.output_dim)
+
+    def forward(self, x, padding_mask=None):
+        return self.proj(x[:, :-1])
+
+
+class _Bidirectional(nn.Module):
+    """A mixer that ignores ``shape.causal``: every output reads the mean of all tokens."""
+
+    def __init__(self, shape, config) -> None:
+        super().__init__()
+        self.proj = nn.Linear(shape.input_dim, shape.output_dim)
+
+    def forward(self, x, padding_mask=None):
+        return self.proj(x + x.mean(1, keepdim=True))
+
+
+@pytest.fixture(scope="module")
+def broken_replacements():
+    surgery.register_replacement("test_drop_last_token")(_DropLastToken)
+    surgery.register_replacement("test_bidirectional")(_Bidirectional)
+    surgery.register_replacement("test_all_kinds", serves=("self", "query-subset"))(_Bidirectional)
+
+
+def test_a_replacement_with_the_wrong_output_is_refused_before_the_swap(broken_replacements):
+    model, inputs = HandWrittenModel().eval(), ids(2, 10, 50)
+    with pytest.raises(surgery.UnsupportedSiteError, match="'blocks.0.mixer' failed the check.*nothing was replaced"):
+        surgery.replace_attention(model, "test_drop_last_token", inputs)
+    assert not any(isinstance(m, ReplacedAttention) for m in model.modules())
+
+
+def test_a_non_causal_replacement_at_a_causal_site_is_refused(broken_replacements):
+    model, inputs = HandWrittenModel(causal=True).eval(), ids(2, 10, 50)
+    with pytest.raises(surgery.UnsupportedSiteError, match="causal"):
+        surgery.replace_attention(model, "test_bidirectional", inputs)
+    assert not any(isinstance(m, ReplacedAttention) for m in model.modules())
+    # the same mixer is fine where attention is bidirectional
+    report = surgery.replace_attention(HandWrittenModel().eval(), "test_bidirectional", inputs)
+    assert len(report.sites) == 2
+
+
+def test_a_declared_kind_is_still_checked(broken_replacements):
+    """A replacement may declare it serves class attention; the check still catches an N-to-N
+    output there (reported as skipped with on_unsupported='skip')."""
+    torch.manual_seed(0)
+    model, inputs = ClassAttentionModel().eval(), ids(2, 12, 50)
+    report = surgery.replace_attention(model, "test_all_kinds", inputs, on_unsupported="skip")
+    assert [s.site.name for s in report.sites] == ["blocks.0.mixer", "blocks.1.mixer"]
+    assert [(s.name, s.kind) for s in report.skipped] == [("head", "query-subset")]
+    assert "failed the check" in report.skipped[0].reason and "(2, 12, 32)" in report.skipped[0].reason
+
+
+def test_unknown_kinds_are_refused_at_registration():
+    with pytest.raises(surgery.SurgeryError, match="unknown site kinds"):
+        surgery.register_replacement("test_bad_kinds", serves=("self", "sideways"))
+
+
+# ----------------------------------------------------------------------------- mode preserved
+@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv"])
+def test_replacements_take_the_training_mode_of_the_original(replacement):
+    model, inputs = HandWrittenModel().eval(), ids(2, 10, 50)
+    surgery.replace_attention(model, replacement, inputs)
+    wrappers = [m for m in model.modules() if isinstance(m, ReplacedAttention)]
+    assert wrappers and not any(m.training for w in wrappers for m in w.modules())
+    model = HandWrittenModel().train()
+    surgery.replace_attention(model, replacement, inputs)
+    assert all(m.training for w in model.modules() if isinstance(w, ReplacedAttention) for m in w.modules())
