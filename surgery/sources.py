@@ -63,9 +63,11 @@ def describe_source(model: nn.Module) -> dict[str, Any] | None:
         for kind, package in _PACKAGES.items():
             if module.startswith(package):
                 source = _describe_constructor(model, kind)
-                if _differences(build_source(source, device="meta"), model, with_types=True):
-                    return None
-                return source
+                try:
+                    candidate = build_source(source, device="meta")  # no memory, no initialisation cost
+                except Exception:  # noqa: BLE001 - a constructor that needs real tensors
+                    candidate = build_source(source)
+                return None if _differences(candidate, model, with_types=True) else source
     except Exception:  # noqa: BLE001 - any failure to describe means: record nothing, load asks for model=
         return None
     return None

@@ -157,6 +157,21 @@ def test_torchvision_model_reloads_alone(tmp_path):
     assert source["kwargs"]["num_layers"] == 2
 
 
+def test_a_pruned_timm_model_built_in_python_reloads_alone(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=7).eval()
+    inputs = torch.randn(2, 3, 32, 32)
+    surgery.replace_attention(model, "mhlstm", inputs)
+    surgery.prune(model, inputs, ratio=0.3, scope="all")  # MLP widths no longer those of the architecture
+    assert model.blocks[0].mlp.fc1.out_features != 768
+    surgery.save(model, tmp_path)
+    again = surgery.load(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(inputs), model.eval()(inputs), rtol=1e-5, atol=1e-5)
+
+
 def test_a_description_that_does_not_fit_is_refused_in_one_line(tmp_path):
     import timm
 
