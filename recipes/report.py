@@ -1,7 +1,8 @@
 """Recipe reports: a JSON-serialisable dict with a ``rows`` table, written as report.json + report.md.
 
 A report looks like ``{"recipe": "mnist", "columns": [...], "rows": [{...}, ...], "config": {...},
-"notes": [...]}``; every row holds measured values only.
+"notes": [...]}``, optionally with ``"labels": {column: header}`` for the table's headers; every
+row holds measured values only.
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    """A GitHub markdown table of ``rows`` (dicts) restricted to ``columns``.
+def markdown_table(columns: list[str], rows: list[dict[str, Any]], labels: dict[str, str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` (dicts) restricted to ``columns``; ``labels`` renames headers.
 
     Example:
-        >>> print(markdown_table(["a", "b"], [{"a": 1, "b": 0.5}]))
-        | a | b |
+        >>> print(markdown_table(["a", "b"], [{"a": 1, "b": 0.5}], labels={"b": "B %"}))
+        | a | B % |
         |---|---|
         | 1 | 0.5 |
     """
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    labels = labels or {}
+    lines = ["| " + " | ".join(labels.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
@@ -53,7 +55,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         | 2 |
     """
     columns = report.get("columns") or sorted({k for row in report.get("rows", []) for k in row})
-    parts = [f"## recipe {report.get('recipe', '?')}", "", markdown_table(columns, report.get("rows", []))]
+    parts = [f"## recipe {report.get('recipe', '?')}", "",
+             markdown_table(columns, report.get("rows", []), report.get("labels"))]
     for note in report.get("notes", []):
         parts.append(f"- {note}")
     return "\n".join(parts)
