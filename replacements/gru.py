@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from replacements.recurrent import MultiHeadRecurrent, MultiHeadRecurrentConfig, MultiHeadRecurrentPruner
+from .recurrent import MultiHeadRecurrent, MultiHeadRecurrentConfig, recurrent_hooks
 from surgery.registry import register_replacement
 
 
@@ -15,7 +15,7 @@ class MultiHeadGRUConfig(MultiHeadRecurrentConfig):
     """Hyper-parameters of ``gru`` (see ``MultiHeadRecurrentConfig``)."""
 
 
-@register_replacement("gru", config=MultiHeadGRUConfig, pruner=MultiHeadRecurrentPruner)
+@register_replacement("gru", config=MultiHeadGRUConfig, **recurrent_hooks())
 class MultiHeadGRU(MultiHeadRecurrent):
     """Multi-head bidirectional GRU; forward-only at causal sites."""
 

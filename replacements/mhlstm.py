@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from replacements.recurrent import MultiHeadRecurrent, MultiHeadRecurrentConfig, MultiHeadRecurrentPruner
+from .recurrent import MultiHeadRecurrent, MultiHeadRecurrentConfig, recurrent_hooks
 from surgery.registry import register_replacement
 
 
@@ -15,7 +15,7 @@ class MultiHeadLSTMConfig(MultiHeadRecurrentConfig):
     """Hyper-parameters of ``mhlstm`` (see ``MultiHeadRecurrentConfig``)."""
 
 
-@register_replacement("mhlstm", config=MultiHeadLSTMConfig, pruner=MultiHeadRecurrentPruner)
+@register_replacement("mhlstm", config=MultiHeadLSTMConfig, **recurrent_hooks())
 class MultiHeadLSTM(MultiHeadRecurrent):
     """Multi-head bidirectional LSTM (FAR); forward-only at causal sites."""
 

@@ -1,15 +1,30 @@
-"""Shared machinery of the multi-head recurrent replacements (LSTM and GRU)."""
+"""Shared machinery of the multi-head recurrent replacements (LSTM and GRU): config, module with its
+three forms (reference, batched training, inference; see ``replacements.recurrence``), pruner,
+resize on load, FLOP handles, and the hooks that register all of it (``recurrent_hooks``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from surgery.prune.groups import Bundle, ReplacementPruner, UnitSet, _cut_linear, score_units, shrink
-from surgery.registry import MixerShape, ReplacementConfig
+from .recurrent_init import init_from_teacher
+from .recurrence import (
+    FastMultiHeadRecurrent,
+    _tracing,
+    batch_cost,
+    batch_key,
+    batched_forward,
+    cell_type,
+    is_right_padded,
+)
+from surgery.registry import BatchedTraining, MixerShape, ReplacementConfig, using_reference_forms
+from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
 
+_is_right_padded = is_right_padded  # the name of earlier versions
 
 @dataclass(frozen=True)
 class MultiHeadRecurrentConfig(ReplacementConfig):
@@ -83,6 +98,85 @@ class MultiHeadRecurrent(nn.Module):
         return torch.cat([head(c, lengths) for head, c in zip(self.heads, chunks)], dim=-1)
 
 
+class MultiHeadRecurrent(nn.Module):
+    """Pre-projection, one independent recurrent network per head (real per-head weights), per-head
+    output projections, heads concatenated: [B, N, input_dim] -> [B, N, heads * head_dim]."""
+
+    rnn_class: type[nn.RNNBase] = nn.LSTM
+
+    def __init__(self, shape: MixerShape, config: MultiHeadRecurrentConfig) -> None:
+        super().__init__()
+        self.shape = shape
+        self.config = config
+        head_dim = shape.head_dim
+        hidden = config.hidden_per_head or head_dim
+        self.bidirectional = config.bidirectional and not shape.causal
+        width = shape.num_heads * head_dim
+        self.pre_proj = (nn.Linear(shape.input_dim, width) if config.pre_projection
+                         else _check_identity(shape, width))
+        self.heads = nn.ModuleList(
+            RecurrentHead(self.rnn_class, head_dim, hidden, config.num_layers, self.bidirectional)
+            for _ in range(shape.num_heads)
+        )
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The same function in the form that fits the moment: the inference form in eval mode without
+        gradients (CPU float32), the batched training form otherwise, the per-head reference form
+        under a tracer, inside ``surgery.registry.reference_forms()`` and where the others do not
+        apply (stacked layers, heads pruned to different sizes)."""
+        if not using_reference_forms() and not _tracing():
+            if not self.training and not torch.is_grad_enabled():
+                fast = self.inference_form(x)
+                if fast is not None:
+                    return fast(x, padding_mask)
+            elif batch_key(self) is not None:
+                return batched_forward([self], [x], padding_mask)[0]
+        return self.reference_forward(x, padding_mask)
+
+    def reference_forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference form: each head's own ``nn.LSTM`` / ``nn.GRU`` (any layers, any sizes)."""
+        x = self.pre_proj(x)
+        lengths = None
+        if padding_mask is not None:
+            x = x * padding_mask.unsqueeze(-1).to(x.dtype)
+            # Right padding (the HF default) is packed so the backward direction starts at the last
+            # real token; other layouts keep zeroed pads in the stream.
+            if self.bidirectional and is_right_padded(padding_mask):
+                lengths = padding_mask.sum(1)
+        chunks = x.split(self.shape.head_dim, dim=-1)
+        return torch.cat([head(c, lengths) for head, c in zip(self.heads, chunks)], dim=-1)
+
+    def inference_form(self, x: torch.Tensor | None = None, use_kernel: bool | None = None) -> nn.Module | None:
+        """The inference form of this mixer (``FastMultiHeadRecurrent``), packed once and kept until a
+        weight changes (an optimiser step, pruning, ``load_state_dict``: each changes a tensor's
+        version or storage). None where it does not apply (not CPU float32: on GPUs cuDNN's fused
+        recurrence is the fast one). Not a submodule: nothing of it is saved.
+
+        Args:
+            x: an input about to be served (its device and dtype decide); None = the weights'.
+            use_kernel: pin the native kernel on (True) or off (False); None = keep the choice.
+        """
+        reference = self.heads[0].rnn.weight_ih_l0
+        probe = reference if x is None else x
+        if probe.device.type != "cpu" or probe.dtype != torch.float32 or reference.dtype != torch.float32:
+            return None
+        if use_kernel is not None:
+            object.__setattr__(self, "_use_kernel", use_kernel)
+        choice = self.__dict__.get("_use_kernel")
+        key = (choice, tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in self.parameters()))
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (key, FastMultiHeadRecurrent(self, use_kernel=choice))
+            object.__setattr__(self, "_inference_cache", cached)
+        return cached[1]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_inference_cache", None)  # rebuilt on demand; holds no information of its own
+        return state
+
+
 def _check_identity(shape: MixerShape, width: int) -> nn.Module:
     if shape.input_dim != width:
         raise ValueError(
@@ -91,32 +185,11 @@ def _check_identity(shape: MixerShape, width: int) -> nn.Module:
     return nn.Identity()
 
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
-
-
-def _is_right_padded(padding_mask: torch.Tensor) -> bool:
-    """True when some row ends in padding and every row is real tokens first, pads last (none empty).
-
-    A mask without padding is not right-padded: it needs no packing, and unpacked is exactly what
-    the mixer computes without a mask. This is the one data-dependent decision of the recurrent
-    mixers, taken by bidirectional ones only (causal, one-direction mixers never pack).
-    """
-    if _is_exporting():
-        # packing cannot be traced (nn.LSTM sizes its state by the packed batch sizes, a tensor);
-        # the exported program serves batches without padding and checks that when it runs
-        torch._check(padding_mask.all().item(), lambda: "an exported bidirectional recurrent mixer "
-                     "takes batches without padding only")
-        return False
-    lengths = padding_mask.sum(1, keepdim=True)
-    positions = torch.arange(padding_mask.shape[1], device=padding_mask.device).unsqueeze(0)
-    layout = (padding_mask == (positions < lengths)).all() & (lengths > 0).all()
-    return bool(layout & ~padding_mask.all())
-
 
 # --------------------------------------------------------------------------------------- pruning
 
 def _unit_sets(head: RecurrentHead) -> list[UnitSet]:
-    """One unit set per (layer, direction) of a head's recurrent network; see surgery.prune.groups."""
+    """One unit set per (layer, direction) of a head's recurrent network; see surgery.units."""
     rnn = head.rnn
     hidden, layers = rnn.hidden_size, rnn.num_layers
     directions = 2 if rnn.bidirectional else 1
@@ -176,7 +249,7 @@ class MultiHeadRecurrentPruner(ReplacementPruner):
             if len(mine) == width:
                 raise ValueError("pruning would remove every output channel of a head")
             if mine:
-                _cut_linear(head.out, mine, dim=0)
+                cut_linear(head.out, mine, dim=0)
             start += width
         return layer
 
@@ -193,5 +266,87 @@ class MultiHeadRecurrentPruner(ReplacementPruner):
 
             bundles.append(Bundle(f"{name}.heads.{k}", "recurrent", head.rnn.hidden_size, score,
                                   apply, modules=[head.rnn, head.out], set_names=[s.name for s in sets],
-                              owner=head, unit_sets=sets))
+                                  owner=head, unit_sets=sets))
         return bundles
+
+
+# ------------------------------------------------------------------------------- load (resize)
+
+def resize(mixer: MultiHeadRecurrent, shapes: dict[str, tuple]) -> None:
+    """Rebuild ``mixer``'s parts with the saved shapes (a pruned checkpoint): the pre-projection, each
+    head's recurrent network (its hidden size per head) and output Linear. Weights load afterwards."""
+    reference = mixer.heads[0].rnn.weight_ih_l0
+    if "pre_proj.weight" in shapes:
+        out_features, in_features = shapes["pre_proj.weight"]
+        mixer.pre_proj = nn.Linear(in_features, out_features, bias="pre_proj.bias" in shapes).to(reference)
+    for k, head in enumerate(mixer.heads):
+        prefix = f"heads.{k}."
+        rnn = head.rnn
+        hidden = shapes[prefix + "rnn.weight_hh_l0"][1]
+        inputs = shapes[prefix + "rnn.weight_ih_l0"][1]
+        proj = shapes.get(prefix + "rnn.weight_hr_l0", (0,))[0]
+        extra = {"proj_size": proj} if proj else {}
+        head.rnn = type(rnn)(inputs, hidden, num_layers=rnn.num_layers, bias=rnn.bias, batch_first=True,
+                             bidirectional=rnn.bidirectional, **extra).to(reference)
+        out_features, in_features = shapes[prefix + "out.weight"]
+        head.out = nn.Linear(in_features, out_features, bias=prefix + "out.bias" in shapes).to(reference)
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+
+def _shape(value: Any) -> list[int] | None:
+    """Sizes of a traced JIT value, or None when the tracer did not record them."""
+    try:
+        if value.isCompleteTensor():
+            return list(value.type().sizes())
+    except RuntimeError:
+        pass
+    return None
+
+
+def recurrent_flop_jit(inputs: list, outputs: list) -> int:
+    """MACs of ``aten::lstm`` / ``aten::gru`` (both the padded ``.input`` and the packed ``.data``
+    overloads): every 2-D weight matrix (weight_ih, weight_hh, weight_hr) is applied once per token
+    and direction, so MACs = tokens * sum(weight.numel()). Gate nonlinearities are elementwise and
+    left out, as fvcore leaves out elementwise ops everywhere."""
+    sequence = _shape(inputs[0])
+    if sequence is None:
+        return 0
+    # padded input: [B, T, F] (or [T, B, F]); packed data: [total tokens, F]
+    tokens = math.prod(sequence[:-1])
+    for value in inputs[1:]:
+        node = value.node()
+        if node.kind() != "prim::ListConstruct":
+            continue
+        shapes = [_shape(v) for v in node.inputs()]
+        if shapes and all(s is not None for s in shapes) and any(len(s) == 2 for s in shapes):
+            return tokens * sum(math.prod(s) for s in shapes if len(s) == 2)
+    return 0
+
+
+#: fvcore counts these as 0; the reference form (what tracers see) runs them
+FLOP_HANDLES: dict[str, Callable] = {
+    "aten::lstm": recurrent_flop_jit,
+    "aten::gru": recurrent_flop_jit,
+    "aten::rnn_tanh": recurrent_flop_jit,
+    "aten::rnn_relu": recurrent_flop_jit,
+}
+
+
+# ------------------------------------------------------------------------------------ the record
+
+def inference_form(mixer: MultiHeadRecurrent, *, use_kernel: bool | None = None) -> nn.Module | None:
+    """The registry's ``inference_form`` hook: the mixer's own (cached) inference form."""
+    return mixer.inference_form(use_kernel=use_kernel)
+
+
+def recurrent_hooks() -> dict[str, Any]:
+    """Everything ``register_replacement`` needs to know about a multi-head recurrent replacement."""
+    return {
+        "pruner": MultiHeadRecurrentPruner,
+        "training_form": BatchedTraining(key=batch_key, run=batched_forward, cost=batch_cost),
+        "inference_form": inference_form,
+        "init_from_teacher": init_from_teacher,
+        "resize": resize,
+        "flop_handles": FLOP_HANDLES,
+    }

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: str | None =
             for w in replaced_sites(model)
         ],
         "shapes": {k: list(v.shape) for k, v in state.items()},
-        "module_attributes": getattr(model, "surgery_module_attributes", {}),
+        "module_attributes": {},  # read on load (run directories of earlier versions); nothing sets it now
         "weights": {"file": WEIGHTS, "sha256": _sha256(directory / WEIGHTS)},
         "extra": extra or {},
     }
@@ -232,9 +232,31 @@ def _rebuild(model: nn.Module, manifest: dict) -> None:
             wrapper.original = None
 
 
-# Modules whose structure follows their weights' shapes; pruning may shrink them.
+# ------------------------------------------------------------------------------- pruned shapes
 def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every module whose saved tensors have other shapes (a pruned model) those shapes.
+
+    A replaced site's mixer is rebuilt by its replacement's own ``resize`` hook (the registry), which
+    knows how its parts follow their weights; everything else is a plain layer resized by type
+    (``_LAYER_RESIZERS``). Weights are loaded afterwards.
+    """
+    from surgery.swap import replaced_sites
+
+    owned: set[str] = set()
+    for wrapper in replaced_sites(model):
+        hook = get_replacement(wrapper.replacement).resize
+        if hook is None:
+            continue
+        name = _module_name(model, wrapper.mixer)
+        prefix = f"{name}."
+        saved = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        current = {k: tuple(v.shape) for k, v in wrapper.mixer.state_dict().items()}
+        if saved and saved != current:
+            hook(wrapper.mixer, saved)
+        owned.add(name)
     for name, module in list(model.named_modules()):
+        if any(name == o or name.startswith(f"{o}.") for o in owned):
+            continue
         prefix = f"{name}." if name else ""
         shapes = {k[len(prefix):]: tuple(v.shape) for k, v in state.items()
                   if k.startswith(prefix) and "." not in k[len(prefix):]}
@@ -247,30 +269,64 @@ def _fit_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         _resize(module, shapes, name)
 
 
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+def _resize_linear(module: nn.Linear, shapes: dict) -> None:
+    module.out_features, module.in_features = shapes["weight"]
+
+
+def _resize_recurrent(module: nn.RNNBase, shapes: dict) -> None:
+    module.hidden_size = shapes["weight_hh_l0"][1]
+    module.input_size = shapes["weight_ih_l0"][1]
+    if "weight_hr_l0" in shapes:
+        module.proj_size = shapes["weight_hr_l0"][0]
+
+
+def _resize_convolution(module: nn.Module, shapes: dict) -> None:
+    module.out_channels = shapes["weight"][0]
+    module.in_channels = shapes["weight"][1] * module.groups
+    if module.groups > 1:
+        module.groups = module.out_channels
+        module.in_channels = module.out_channels * shapes["weight"][1]
+
+
+def _resize_layer_norm(module: nn.LayerNorm, shapes: dict) -> None:
+    module.normalized_shape = tuple(shapes["weight"])
+
+
+def _resize_embedding(module: nn.Embedding, shapes: dict) -> None:
+    module.num_embeddings, module.embedding_dim = shapes["weight"]
+
+
+#: plain layers whose structure follows their weights' shapes, by type (a replacement's own parts
+#: are resized by its ``resize`` hook instead)
+_LAYER_RESIZERS: dict[type, Callable[[nn.Module, dict], None]] = {
+    nn.Linear: _resize_linear,
+    nn.RNNBase: _resize_recurrent,
+    nn.Conv1d: _resize_convolution,
+    nn.Conv2d: _resize_convolution,
+    nn.LayerNorm: _resize_layer_norm,
+    nn.Embedding: _resize_embedding,
+}
+
+
+def _resizer(module: nn.Module) -> Callable[[nn.Module, dict], None] | None:
+    for kind in type(module).__mro__:
+        if kind in _LAYER_RESIZERS:
+            return _LAYER_RESIZERS[kind]
+        if kind.__name__ == "Conv1D":  # HuggingFace GPT-2's Conv1D: weight [in, out]
+            return lambda m, shapes: setattr(m, "nf", shapes["weight"][1])
+    return None
+
+
 def _resize(module: nn.Module, shapes: dict[str, tuple], name: str) -> None:
-    if isinstance(module, nn.Linear):
-        out_features, in_features = shapes["weight"]
-        module.in_features, module.out_features = in_features, out_features
-    elif isinstance(module, nn.RNNBase):
-        module.hidden_size = shapes["weight_hh_l0"][1]
-        module.input_size = shapes["weight_ih_l0"][1]
-        if "weight_hr_l0" in shapes:
-            module.proj_size = shapes["weight_hr_l0"][0]
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        module.out_channels = shapes["weight"][0]
-        module.in_channels = shapes["weight"][1] * module.groups
-        if module.groups > 1:
-            module.groups = module.out_channels
-            module.in_channels = module.out_channels * shapes["weight"][1]
-    elif isinstance(module, nn.LayerNorm):
-        module.normalized_shape = tuple(shapes["weight"])
-    elif isinstance(module, nn.Embedding):
-        module.num_embeddings, module.embedding_dim = shapes["weight"]
-    elif type(module).__name__ == "Conv1D":  # HF GPT-2 Conv1D: weight [in, out]
-        module.nf = shapes["weight"][1]
-    else:
+    resizer = _resizer(module)
+    if resizer is None:
         raise ManifestError(f"module {name!r} ({type(module).__name__}) has saved shapes {shapes} "
                             "that differ from the rebuilt model and cannot be resized")
+    resizer(module, shapes)
     for key, shape in shapes.items():
         tensor = getattr(module, key, None)
         if isinstance(tensor, nn.Parameter):
@@ -290,7 +346,5 @@ def _set_module_attributes(model: nn.Module, attributes: dict[str, dict[str, Any
             raise ManifestError(f"the manifest sets attributes on {name!r}, which the model lacks") from None
         for key, value in values.items():
             setattr(module, key, value)
-    if attributes:
-        model.surgery_module_attributes = attributes
 
 

@@ -57,9 +57,9 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, forma
            verify: bool = True) -> ExportReport:
     """Export ``model`` for deployment and verify the artifact reproduces PyTorch's outputs.
 
-    Shapes are fixed to those of ``example_inputs``. Export the training form: a model converted
-    by ``surgery.fast.optimize`` holds a native kernel that no exporter can see into (ONNX runtimes
-    run the exported ``LSTM``/``GRU`` ops with their own fused kernels instead).
+    Shapes are fixed to those of ``example_inputs``. Under the exporters' tracers replacements run
+    their reference forms (no native call is hidden from them; ONNX runtimes run the exported
+    ``LSTM``/``GRU`` ops with their own fused kernels), or the export form their record names.
 
     Args:
         model: the model (exported in eval mode; its training flags are restored).
@@ -76,8 +76,8 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, forma
         An ``ExportReport`` (path, size, max abs error, ONNX op types and the recurrent ones).
 
     Raises:
-        ExportError: an op with no translation (named, with the module that calls it), a fast-form
-            model, an unknown format, or outputs that differ beyond the tolerance.
+        ExportError: an op with no translation (named, with the module that calls it), an unknown
+            format, or outputs that differ beyond the tolerance.
 
     Example:
         >>> import timm, torch, surgery, tempfile, os
@@ -93,7 +93,6 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, forma
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if exporter not in ("dynamo", "torchscript"):
         raise ExportError(f"unknown ONNX exporter {exporter!r}; choose 'dynamo' or 'torchscript'")
-    _refuse_fast_form(model)
     args, kwargs = as_args_kwargs(example_inputs)
     kwargs = without_cache(model, kwargs)
     if not all(isinstance(a, torch.Tensor) for a in args):
@@ -112,7 +111,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, forma
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with _eval(model), torch.no_grad():
+        with _eval(model), torch.no_grad(), _export_forms(model):
             reference = [t.detach() for t in wrapped(*flat)]
             if format == "onnx":
                 _export_onnx(wrapped, flat, names, tmp, exporter, opset, model)
@@ -154,13 +153,24 @@ class _Positional(nn.Module):
         return tuple(_tensors(self.model(*flat[: self.num_args], **kwargs)))
 
 
-def _refuse_fast_form(model: nn.Module) -> None:
-    from surgery.fast import FastMultiHeadRecurrent
+@contextlib.contextmanager
+def _export_forms(model: nn.Module):
+    """Each replacement traced in its export form (the registry's ``export_form`` hook), when it
+    has one; under a tracer the built-ins run their reference forms by themselves."""
+    from surgery.registry import get_replacement
+    from surgery.swap import replaced_sites
 
-    fast = [name for name, m in model.named_modules() if isinstance(m, FastMultiHeadRecurrent)]
-    if fast:
-        raise ExportError(f"{fast[0]!r} is the fast inference form (surgery.fast.optimize), which "
-                          "exporters cannot trace; export the model before optimize() (reload it)")
+    swapped = []
+    for wrapper in replaced_sites(model):
+        hook = get_replacement(wrapper.replacement).export_form
+        if hook is not None:
+            swapped.append((wrapper, wrapper.mixer))
+            wrapper.mixer = hook(wrapper.mixer)
+    try:
+        yield
+    finally:
+        for wrapper, mixer in swapped:
+            wrapper.mixer = mixer
 
 
 @contextlib.contextmanager

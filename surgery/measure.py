@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from surgery.errors import SurgeryError
 from surgery.inputs import as_args_kwargs
+from surgery.registry import registered_flop_handles
 from surgery.swap import count_parameters
 
 __all__ = [
@@ -43,26 +43,6 @@ def _shape(value: Any) -> list[int] | None:
     return None
 
 
-def _recurrent_flop_jit(inputs: list, outputs: list) -> int:
-    """MACs of ``aten::lstm`` / ``aten::gru`` (both the padded ``.input`` and the packed ``.data``
-    overloads): every 2-D weight matrix (weight_ih, weight_hh, weight_hr) is applied once per token
-    and direction, so MACs = tokens * sum(weight.numel()). Gate nonlinearities are elementwise and
-    left out, as fvcore leaves out elementwise ops everywhere."""
-    sequence = _shape(inputs[0])
-    if sequence is None:
-        return 0
-    # padded input: [B, T, F] (or [T, B, F]); packed data: [total tokens, F]
-    tokens = math.prod(sequence[:-1])
-    for value in inputs[1:]:
-        node = value.node()
-        if node.kind() != "prim::ListConstruct":
-            continue
-        shapes = [_shape(v) for v in node.inputs()]
-        if shapes and all(s is not None for s in shapes) and any(len(s) == 2 for s in shapes):
-            return tokens * sum(math.prod(s) for s in shapes if len(s) == 2)
-    return 0
-
-
 def _sdpa_flop_jit(inputs: list, outputs: list) -> int:
     """MACs of ``aten::scaled_dot_product_attention``: Q K^T and (softmax) V, full score matrix."""
     query, key, value = (_shape(v) for v in inputs[:3])
@@ -82,15 +62,18 @@ def _baddbmm_flop_jit(inputs: list, outputs: list) -> int:
     return math.prod(first) * second[-1]
 
 
-#: ops fvcore counts as 0 but that carry real work in attention, its replacements or the fast path
+#: ops fvcore counts as 0 but that carry real work in attention; each replacement adds the handles
+#: of the ops it runs (its ``flop_handles`` hook, e.g. aten::lstm / aten::gru), see ``flop_handles``
 EXTRA_FLOP_HANDLES: dict[str, Callable] = {
-    "aten::lstm": _recurrent_flop_jit,
-    "aten::gru": _recurrent_flop_jit,
-    "aten::rnn_tanh": _recurrent_flop_jit,
-    "aten::rnn_relu": _recurrent_flop_jit,
     "aten::scaled_dot_product_attention": _sdpa_flop_jit,
     "aten::baddbmm": _baddbmm_flop_jit,
 }
+
+
+def flop_handles() -> dict[str, Callable]:
+    """The op handles ``flop_analysis`` installs: attention's own plus every registered
+    replacement's ``flop_handles`` hook."""
+    return {**EXTRA_FLOP_HANDLES, **registered_flop_handles()}
 
 
 class _Positional(nn.Module):
@@ -121,7 +104,7 @@ def _tensors(output: Any) -> Iterator[torch.Tensor]:
 
 
 def flop_analysis(model: nn.Module, example_inputs: Any):
-    """An fvcore ``FlopCountAnalysis`` with handles for LSTM, GRU, SDPA and baddbmm added.
+    """An fvcore ``FlopCountAnalysis`` with handles for SDPA, baddbmm and the replacements' ops added.
 
     Use it for a per-module (``.by_module()``) or per-operator (``.by_operator()``) breakdown.
 
@@ -143,7 +126,7 @@ def flop_analysis(model: nn.Module, example_inputs: Any):
     args, kwargs = as_args_kwargs(example_inputs)
     wrapped = _Positional(model, args, kwargs)
     analysis = FlopCountAnalysis(wrapped, (*args, *kwargs.values()))
-    analysis.set_op_handle(**EXTRA_FLOP_HANDLES)
+    analysis.set_op_handle(**flop_handles())
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     return analysis
 
@@ -163,11 +146,7 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
         >>> count_flops(nn.LSTM(8, 16, batch_first=True), torch.randn(1, 10, 8))
         15360
     """
-    fast = [name for name, m in model.named_modules() if type(m).__name__ == "FastMultiHeadRecurrent"]
-    if fast:
-        # the tracer cannot see into the native kernel: its work would silently count as zero
-        raise SurgeryError(f"{fast[0]!r} is the fast inference form, whose recurrence the FLOP "
-                           "counter cannot see; count FLOPs on the model before surgery.fast.optimize")
+    # under the tracer replacements run their reference forms (no native call hides work from it)
     with torch.no_grad(), _eval(model):
         return int(flop_analysis(model, example_inputs).total())
 
@@ -401,8 +380,7 @@ def compare(original: nn.Module, candidate: nn.Module, example_inputs: Any, *, r
         candidate: the replaced (and maybe pruned) model.
         example_inputs: inputs both accept.
         repeats, warmup, threads: as in ``measure_latencies``.
-        flops: count FLOPs (one JIT trace per model; off for speed, and for a candidate in the
-            fast form of ``surgery.fast``, whose native kernel no tracer sees into).
+        flops: count FLOPs (one JIT trace per model; off for speed).
         memory: measure peak activation memory (one profiled call per model).
 
     Returns:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import fnmatch
+import importlib
 import importlib.metadata
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol
 
 from torch import nn
 
 from surgery.errors import SurgeryError, UnknownNameError, close_matches
+from surgery.sites import SITE_KINDS
 
 
 @dataclass(frozen=True)
@@ -58,20 +62,107 @@ class ReplacementConfig:
 
 
 @dataclass(frozen=True)
+class BatchedTraining:
+    """A replacement's batched training form: several of its mixers computed in one call.
+
+    Args:
+        key: ``key(mixer) -> hashable or None``: mixers with equal keys can run together; None
+            means this mixer takes its own forward.
+        run: ``run(mixers, inputs, mask) -> outputs``: equal to ``[m(x, mask) for m, x in ...]``.
+        cost: ``cost(mixer, x) -> int``: work per step, to keep one call's working set in cache.
+    """
+
+    key: Callable[[nn.Module], Any]
+    run: Callable[[list, list, Any], list]
+    cost: Callable[[nn.Module, Any], int] | None = None
+
+
+@dataclass(frozen=True)
+class TeacherEvidence:
+    """What the original attention of one site computed, for ``init_from_teacher`` hooks.
+
+    Args:
+        value_weight, value_bias: the original's value projection ([C, D], [C] or None).
+        records: captured (hidden [B, N, D], valid mask [B, N] or None, context target [B, N, C]).
+        ridge: ridge term of least-squares fits, relative to the feature energy.
+        settings: replacement-specific settings (e.g. ``decays`` and ``scale`` of recurrences).
+    """
+
+    value_weight: Any
+    value_bias: Any
+    records: list
+    ridge: float = 1e-3
+    settings: dict = dataclasses.field(default_factory=dict)
+
+
+class DecodingForm(Protocol):
+    """Single-step (decoding) interface of a causal replacement: state in, state out.
+
+    ``init_state(mixer, batch)`` gives the empty state, ``step(mixer, x_t, state) -> (y_t, state)``
+    advances one token, ``prefill(mixer, x, mask) -> (y, state)`` runs a prompt. A replacement
+    without one has ``decoding=None`` in its record.
+    """
+
+    def init_state(self, mixer: nn.Module, batch: int) -> Any: ...
+
+    def step(self, mixer: nn.Module, x_t: Any, state: Any) -> tuple[Any, Any]: ...
+
+    def prefill(self, mixer: nn.Module, x: Any, mask: Any) -> tuple[Any, Any]: ...
+
+
+@dataclass(frozen=True)
 class Replacement:
-    """One registered replacement: how to build it and (optionally) how torch-pruning prunes it."""
+    """One registered replacement: its config and module, and (each optional) the hooks through
+    which the core reaches it. The core asks the record, never the module's attributes.
+
+    Args:
+        name, module_class, config_class, description: what ``surgery list`` shows and ``build`` uses.
+        pruner: a ``surgery.units.ReplacementPruner`` subclass (or instance); None = unprunable.
+        serves: the site kinds it can take the place of (``surgery.sites.SITE_KINDS``).
+        training_form: a ``BatchedTraining`` (several mixers in one call), or None.
+        inference_form: ``inference_form(mixer, projection=None, use_kernel=None) -> nn.Module``: a
+            separate module computing the same function for inference (``surgery.fast.optimize``
+            of earlier versions swapped it in); the module itself already runs it in eval mode.
+        decoding: a ``DecodingForm`` for causal sites, or None.
+        init_from_teacher: ``init_from_teacher(mixer, evidence: TeacherEvidence) -> summary`` (a
+            JSON-able list), or None when the replacement has no teacher-derived start.
+        resize: ``resize(mixer, shapes)``: rebuild the mixer's parts so their tensors have the
+            saved shapes (keys relative to the mixer); None = every part is a plain layer that
+            ``surgery.checkpoint`` resizes itself.
+        flop_handles: fvcore op handles (op name -> handle) for ops the mixer runs.
+        export_form: ``export_form(mixer) -> nn.Module`` traced in its place by ``surgery.export``;
+            None = the mixer itself.
+    """
 
     name: str
     module_class: type[nn.Module]
     config_class: type[ReplacementConfig]
     description: str
-    pruner: Any = None  # a torch_pruning BasePruningFunc subclass, or None when unprunable
+    pruner: Any = None
+    serves: tuple[str, ...] = ("self",)
+    training_form: BatchedTraining | None = None
+    inference_form: Callable[..., nn.Module] | None = None
+    decoding: DecodingForm | None = None
+    init_from_teacher: Callable[[nn.Module, TeacherEvidence], Any] | None = None
+    resize: Callable[[nn.Module, dict], None] | None = None
+    flop_handles: dict[str, Callable] = dataclasses.field(default_factory=dict)
+    export_form: Callable[[nn.Module], nn.Module] | None = None
 
     def build(self, shape: MixerShape, config: ReplacementConfig | dict | None = None) -> nn.Module:
         if not isinstance(config, ReplacementConfig):
             config = self.config_class.from_dict(config)
         return self.module_class(shape, config)
 
+    def make_pruner(self) -> Any:
+        """An instance of the registered pruner, or None when the replacement is unprunable."""
+        if self.pruner is None:
+            return None
+        return self.pruner() if isinstance(self.pruner, type) else self.pruner
+
+
+#: optional hooks ``register_replacement`` accepts by keyword
+_HOOKS = {f.name for f in dataclasses.fields(Replacement)} - {"name", "module_class", "config_class",
+                                                              "description", "pruner", "serves"}
 
 #: entry-point group of installed packages that register replacements, e.g. in pyproject.toml:
 #: ``[project.entry-points."surgery.replacements"]`` ``my_mixers = "my_package.mixers"``
@@ -82,11 +173,17 @@ _BUILTINS_LOADED = False
 _LOADED_ENTRY_POINTS: set[str] = set()
 
 
+#: modules that register the built-in replacements (mhlstm, gru, conv). They import this module;
+#: the registry loads them by name, as it loads plugins, so the dependency runs one way only.
+BUILTIN_MODULES = ("surgery.replacements",)
+
+
 def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        import replacements  # noqa: F401  (registers mhlstm, gru, conv)
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
 
 
 def _load_entry_points() -> None:
@@ -143,6 +240,8 @@ def register_replacement(
     config: type[ReplacementConfig] = ReplacementConfig,
     description: str | None = None,
     pruner: Any = None,
+    serves: tuple[str, ...] = ("self",),
+    **hooks: Any,
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Register a replacement module class under ``name`` (use as a class decorator).
 
@@ -155,6 +254,11 @@ def register_replacement(
         config: the replacement's config dataclass (a ``ReplacementConfig`` subclass).
         description: one line for ``surgery list``; defaults to the class docstring's first line.
         pruner: optional torch-pruning ``BasePruningFunc`` subclass that prunes this module.
+        serves: the site kinds it can take the place of (``surgery.sites.SITE_KINDS``); an N-to-N
+            sequence mixer serves "self" only.
+        **hooks: the record's optional hooks (``training_form``, ``inference_form``, ``decoding``,
+            ``init_from_teacher``, ``resize``, ``flop_handles``, ``export_form``; see
+            ``Replacement``). Unknown names are refused.
 
     Example:
         >>> import torch
@@ -170,6 +274,15 @@ def register_replacement(
         ...         return self.proj(x).cumsum(1) / torch.arange(1, x.shape[1] + 1).view(1, -1, 1)
     """
 
+    unknown = sorted(set(serves) - set(SITE_KINDS))
+    if unknown:
+        raise SurgeryError(f"replacement {name!r} serves unknown site kinds {unknown}; use {list(SITE_KINDS)}")
+
+    unknown_hooks = sorted(set(hooks) - _HOOKS)
+    if unknown_hooks:
+        raise SurgeryError(f"register_replacement({name!r}) got unknown hook(s) {unknown_hooks}; known "
+                           f"hooks: {sorted(_HOOKS)}")
+
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
         doc = (cls.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = Replacement(
@@ -178,6 +291,8 @@ def register_replacement(
             config_class=config,
             description=description or (doc[0] if doc else cls.__name__),
             pruner=pruner,
+            serves=tuple(serves),
+            **hooks,
         )
         cls.replacement_name = name
         return cls
@@ -212,3 +327,46 @@ def list_replacements(pattern: str = "*") -> list[str]:
     _load_builtins()
     _load_entry_points()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def replacement_of(module: nn.Module) -> Replacement | None:
+    """The registered record whose module class ``module`` is an instance of (None if none is)."""
+    _load_builtins()
+    name = getattr(type(module), "replacement_name", None)
+    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    return spec if spec is not None and isinstance(module, spec.module_class) else None
+
+
+def registered_flop_handles() -> dict[str, Callable]:
+    """fvcore op handles declared by every registered replacement (``flop_handles`` hooks)."""
+    _load_builtins()
+    handles: dict[str, Callable] = {}
+    for spec in _REGISTRY.values():
+        handles.update(spec.flop_handles)
+    return handles
+
+
+_REFERENCE_FORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("surgery_reference_forms",
+                                                                         default=False)
+
+
+@contextlib.contextmanager
+def reference_forms(enabled: bool = True) -> Iterator[None]:
+    """Within this context, replacements run their reference form (the plain per-part modules),
+    neither the batched training form nor the inference form; the three compute the same function.
+
+    Example:
+        >>> with reference_forms():
+        ...     using_reference_forms()
+        True
+    """
+    token = _REFERENCE_FORMS.set(enabled)
+    try:
+        yield
+    finally:
+        _REFERENCE_FORMS.reset(token)
+
+
+def using_reference_forms() -> bool:
+    """Whether a ``reference_forms`` context is active (asked by replacement modules' forward)."""
+    return _REFERENCE_FORMS.get()

@@ -39,7 +39,7 @@ def test_init_leaves_other_mixers_alone():
 
 
 def test_gru_moving_average_is_what_the_init_sets():
-    from surgery.distill.init import _set_moving_average
+    from surgery.replacements.recurrent_init import _set_moving_average
 
     gru = torch.nn.GRU(4, 4, batch_first=True)
     _set_moving_average(gru, (0.5,), scale=1.0)

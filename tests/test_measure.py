@@ -140,12 +140,12 @@ def test_count_parameters_is_the_core_function():
     assert measure.count_parameters is surgery.count_parameters
 
 
-def test_flops_of_the_fast_form_are_refused():
-    from surgery.errors import SurgeryError
+def test_flops_count_the_reference_form_in_eval_mode():
+    """The tracer sees the reference form (no native call hides work from it), before and after optimize."""
     from surgery.fast import optimize
 
     model, inputs = build("timm_vit")
     surgery.replace_attention(model, "mhlstm", inputs)
-    optimize(surgery.finalize(model), use_kernel=False)
-    with pytest.raises(SurgeryError, match="fast inference form"):
-        measure.count_flops(model, inputs)
+    before = measure.count_flops(surgery.finalize(model), inputs)
+    optimize(model, use_kernel=False)
+    assert measure.count_flops(model, inputs) == before > 0

@@ -57,7 +57,7 @@ def recipe_defaults(model: str) -> tuple[str, dict[str, Any]] | None:
         'e2e'
     """
     try:
-        from recipes import list_recipes
+        from surgery.recipes import list_recipes
     except ImportError:
         return None
     for recipe in list_recipes():
@@ -99,7 +99,7 @@ def apply_recipe_defaults(model: str, flags: dict[str, Any], settings: dict[str,
 
 def _recipes() -> list[dict]:
     try:
-        from recipes import list_recipes
+        from surgery.recipes import list_recipes
     except ImportError:
         return []
     return [{"name": r.name, "description": r.description} for r in list_recipes()]

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
                              "MNIST and MiniLM evidence runs). `surgery recipe list` shows them.")
     recipe_app.command("list")(guarded(list_command))
     try:
-        from recipes import list_recipes
+        from surgery.recipes import list_recipes
     except ImportError:  # the recipes package is not installed next to surgery
         recipes = []
     else:
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
 
 def list_command(json_output: JsonOption = False) -> None:
     """List the recipes and their settings (defaults)."""
-    from recipes import list_recipes
+    from surgery.recipes import list_recipes
 
     rows = [{"name": r.name, "description": r.description,
              "settings": {name: default for name, default, _ in r.settings()}} for r in list_recipes()]
@@ -95,7 +95,7 @@ def _command(recipe):
         if json_output:
             print_json(report)
         else:
-            from recipes.report import markdown_report
+            from surgery.recipes.report import markdown_report
 
             typer.echo(markdown_report(report))
 

@@ -1,28 +1,18 @@
-"""Start multi-head LSTM / GRU replacements close to the attention they replace, from the teacher itself.
+"""Start replacements close to the attention they replace, from the teacher itself.
 
-Attention's context for head k is a mixture of that head's VALUES. So, per site and head:
+Attention's context for head k is a mixture of that head's VALUES. This module finds the original's
+value projection and captures a few batches of what it computed (hidden states in, context out);
+each replacement's own ``init_from_teacher`` hook (``surgery.registry``) turns that into a start:
+multi-head LSTM / GRU read the values through moving averages chosen per head and direction, token
+convolutions pass each token's values through, both with a least-squares output map.
 
-1. ``pre_proj`` <- the original value projection (the LSTM of head k then reads head k's values);
-2. each head's recurrence is set to an exponential moving average of its input in both directions
-   (LSTM: input gate 1/2, a fixed forget gate ``f``, output gate ~1, candidate = tanh(scale * value);
-   GRU: a fixed update gate ``z = f``, candidate = tanh(scale * value), no recurrent weights); the
-   decay ``f`` is chosen per head and direction among ``decays`` by the fit below (0 = the token
-   itself, 0.97 = a long window);
-3. the head's output Linear is the least-squares map from the LSTM features [forward, backward]
-   to the teacher's context for that head, on a few captured batches.
-
-Token convolutions (``conv``) get step 1, zero depthwise kernels (each token passes through its
-residual path unchanged) and the least-squares output map from the token's own values to the
-teacher's context: the "decay 0" member of the family above, which training then widens.
-
-Training then starts from this fit instead of a random mixer. Sites whose original has no
-recognisable value projection, or mixers of other kinds, are left unchanged.
+Sites whose original has no recognisable value projection, and replacements without the hook,
+are left unchanged.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -30,6 +20,7 @@ from torch import nn
 from surgery.data import split_batch, to_device
 from surgery.distill.capture import TeacherCapture
 from surgery.distill.fidelity import call_model
+from surgery.registry import TeacherEvidence, get_replacement, replacement_of
 from surgery.swap import ReplacedAttention, replaced_sites
 
 
@@ -52,73 +43,30 @@ def value_projection(wrapper: ReplacedAttention) -> tuple[torch.Tensor, torch.Te
     return None
 
 
-def _run_head(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, mask: torch.Tensor | None, bidirectional: bool) -> torch.Tensor:
-    lengths = mask.sum(1) if mask is not None and bidirectional else None
-    if lengths is None or bool((lengths == mask.shape[1]).all()):
-        return rnn(x)[0]
-    packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-    y, _ = nn.utils.rnn.pad_packed_sequence(rnn(packed)[0], batch_first=True, total_length=x.shape[1])
-    return y
-
-
 def supports_init(mixer: nn.Module) -> bool:
-    """Whether ``mixer`` is a multi-head recurrent replacement of single-layer LSTMs or GRUs with biases,
-    or a token convolution."""
-    if _is_conv(mixer):
-        return True
-    heads = getattr(mixer, "heads", None)
-    if heads is None or not hasattr(mixer, "pre_proj") or not hasattr(mixer, "shape"):
-        return False
-    return all(isinstance(getattr(h, "rnn", None), (nn.LSTM, nn.GRU)) and h.rnn.num_layers == 1
-               and getattr(h.rnn, "proj_size", 0) == 0 and h.rnn.batch_first and h.rnn.bias for h in heads)
-
-
-def _is_conv(mixer: nn.Module) -> bool:
-    convs = getattr(mixer, "convs", None)
-    return (isinstance(convs, nn.ModuleList) and all(isinstance(c, nn.Conv1d) for c in convs)
-            and isinstance(getattr(mixer, "pre_proj", None), nn.Linear) and isinstance(getattr(mixer, "out", None), nn.Linear))
-
-
-def _set_moving_average(rnn: nn.LSTM | nn.GRU, decays: tuple[float, ...], scale: float) -> None:
-    hidden, inputs = rnn.hidden_size, rnn.input_size
-    gru = isinstance(rnn, nn.GRU)
-    width = min(hidden, inputs)
-    with torch.no_grad():
-        for suffix, decay in zip(("", "_reverse"), decays):
-            logit = math.log(decay / (1 - decay)) if decay > 0 else -12.0
-            w_ih = getattr(rnn, f"weight_ih_l0{suffix}")
-            w_hh = getattr(rnn, f"weight_hh_l0{suffix}")
-            b_ih = getattr(rnn, f"bias_ih_l0{suffix}")
-            b_hh = getattr(rnn, f"bias_hh_l0{suffix}")
-            w_ih.zero_()
-            w_hh.zero_()
-            b_hh.zero_()
-            b_ih.zero_()
-            # LSTM gates (i, f, g, o): candidate g, forget f, output ~1, input sigmoid(0) = 1/2.
-            # GRU gates (r, z, n): candidate n, update z = the decay (h = z h + (1 - z) n); with
-            # W_hn = b_hn = 0 the reset gate has nothing to act on.
-            w_ih[2 * hidden:2 * hidden + width, :width] = torch.eye(width) * scale  # candidate
-            b_ih[hidden:2 * hidden] = logit                                            # forget / update
-            if not gru:
-                b_ih[3 * hidden:] = 4.0                                                # output gate ~ 1
+    """Whether ``mixer``'s replacement has a teacher-derived start (an ``init_from_teacher`` hook)."""
+    spec = replacement_of(mixer)
+    return spec is not None and spec.init_from_teacher is not None
 
 
 def initialise_from_teacher(student: nn.Module, data: Iterable, *, batches: int = 4,
                             decays: tuple[float, ...] = (0.0, 0.5, 0.8, 0.9, 0.97, 0.995), scale: float = 0.5,
                             ridge: float = 1e-3, labelled: bool | None = None) -> dict[str, list[float]]:
-    """Initialise every multi-head LSTM / GRU replacement from its original attention (in place).
+    """Initialise every replacement that has an ``init_from_teacher`` hook from its original attention
+    (in place): the hook gets the original's value projection and a few captured batches.
 
     Args:
         student: the replaced model (originals still kept).
         data: batches to fit on (the first ``batches`` are used).
         batches: how many batches to capture.
-        decays: forget-gate values tried per head and direction (each direction picks its own).
-        scale: input scale of the LSTM candidate (keeps tanh near its linear range).
+        decays: forget-gate values tried per head and direction by recurrent replacements (each
+            direction picks its own).
+        scale: input scale of the recurrent candidate (keeps tanh near its linear range).
         ridge: ridge term of the least-squares fit, relative to the feature energy.
         labelled: how to read 2-tuples (see ``surgery.data.split_batch``).
 
     Returns:
-        The chosen decays ([forward, backward]) of every head, by site name.
+        What each hook chose (recurrences: the decays [forward, backward] of every head), by site name.
 
     Example:
         >>> import torch, surgery
@@ -131,6 +79,7 @@ def initialise_from_teacher(student: nn.Module, data: Iterable, *, batches: int 
         2
     """
     wrappers = [w for w in replaced_sites(student) if supports_init(w.mixer) and value_projection(w) is not None]
+    hooks = {w.site.name: get_replacement(w.replacement).init_from_teacher for w in wrappers}
     if not wrappers:
         return {}
     device = next(student.parameters()).device
@@ -148,86 +97,12 @@ def initialise_from_teacher(student: nn.Module, data: Iterable, *, batches: int 
     chosen: dict[str, list[float]] = {}
     with torch.no_grad():
         for w in wrappers:
-            fit = _fit_conv if _is_conv(w.mixer) else _fit_site
-            chosen[w.site.name] = fit(w, records[w.site.name], decays, scale, ridge)
+            weight, bias = value_projection(w)
+            evidence = TeacherEvidence(weight, bias, records[w.site.name], ridge=ridge,
+                                       settings={"decays": tuple(decays), "scale": scale})
+            summary = hooks[w.site.name](w.mixer, evidence)
+            if summary is not None:  # None: the hook found nothing it could start (mixer unchanged)
+                chosen[w.site.name] = summary
     return chosen
 
 
-def _least_squares(features: torch.Tensor, goal: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
-    """[weights; bias] minimising |[features, 1] @ solution - goal|^2 (+ ridge), and the error."""
-    a = torch.cat([features, torch.ones(features.shape[0], 1, dtype=features.dtype)], dim=1)
-    gram = a.T @ a
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    solution = torch.linalg.solve(gram, a.T @ goal)
-    return solution, float((a @ solution - goal).pow(2).sum())
-
-
-def _fit_conv(wrapper: ReplacedAttention, records: list, decays, scale: float, ridge: float) -> list[float]:
-    mixer = wrapper.mixer
-    weight, bias = value_projection(wrapper)
-    if mixer.pre_proj.weight.shape != weight.shape or mixer.out.weight.shape[0] != weight.shape[0]:
-        return []
-    mixer.pre_proj.weight.copy_(weight)
-    mixer.pre_proj.bias.copy_(bias if bias is not None else torch.zeros_like(mixer.pre_proj.bias))
-    for conv in mixer.convs:
-        conv.weight.zero_()
-        if conv.bias is not None:
-            conv.bias.zero_()
-    features, goals = [], []
-    for hidden, mask, target in records:
-        x = mixer.pre_proj(hidden)
-        if mask is not None:
-            x, target = x[mask.bool()], target[mask.bool()]
-        features.append(x.reshape(-1, x.shape[-1]))
-        goals.append(target.reshape(-1, target.shape[-1]))
-    solution, _ = _least_squares(torch.cat(features).double(), torch.cat(goals).double(), ridge)
-    mixer.out.weight.copy_(solution[:-1].T.to(mixer.out.weight.dtype))
-    mixer.out.bias.copy_(solution[-1].to(mixer.out.bias.dtype))
-    return [0.0]
-
-
-def _fit_site(wrapper: ReplacedAttention, records: list, decays, scale: float, ridge: float) -> list[float]:
-    mixer = wrapper.mixer
-    weight, bias = value_projection(wrapper)
-    if isinstance(mixer.pre_proj, nn.Linear) and mixer.pre_proj.weight.shape == weight.shape:
-        mixer.pre_proj.weight.copy_(weight)
-        if mixer.pre_proj.bias is not None:
-            mixer.pre_proj.bias.copy_(bias if bias is not None else torch.zeros_like(mixer.pre_proj.bias))
-    head_dim = mixer.shape.head_dim
-    values = []
-    for hidden, mask, target in records:
-        x = mixer.pre_proj(hidden)
-        if mask is not None:
-            x = x * mask.unsqueeze(-1).to(x.dtype)
-        values.append((x, mask, target))
-    picks = []
-    directions = 2 if mixer.bidirectional else 1
-    for k, head in enumerate(mixer.heads):
-        hidden = head.rnn.hidden_size
-        by_decay, goal_rows = {}, None
-        for decay in decays:
-            _set_moving_average(head.rnn, (decay,) * directions, scale)
-            features, targets = [], []
-            for x, mask, target in values:
-                y = _run_head(head.rnn, x[..., k * head_dim:(k + 1) * head_dim], mask, mixer.bidirectional)
-                goal = target[..., k * head_dim:(k + 1) * head_dim]
-                if mask is not None:
-                    y, goal = y[mask.bool()], goal[mask.bool()]
-                features.append(y.reshape(-1, y.shape[-1]))
-                targets.append(goal.reshape(-1, goal.shape[-1]))
-            by_decay[decay] = torch.cat(features).double()
-            goal_rows = torch.cat(targets).double()
-        # each direction picks its own window: [forward(d1), backward(d2)] for every pair
-        best = None
-        pairs = [(a, b) for a in decays for b in decays] if directions == 2 else [(a,) for a in decays]
-        for pair in pairs:
-            parts = [by_decay[d][:, i * hidden:(i + 1) * hidden] for i, d in enumerate(pair)]
-            solution, error = _least_squares(torch.cat(parts, dim=1), goal_rows, ridge)
-            if best is None or error < best[0]:
-                best = (error, pair, solution)
-        _, pair, solution = best
-        _set_moving_average(head.rnn, pair, scale)
-        head.out.weight.copy_(solution[:-1].T.to(head.out.weight.dtype))
-        head.out.bias.copy_(solution[-1].to(head.out.bias.dtype))
-        picks.append(list(pair))
-    return picks

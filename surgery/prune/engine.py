@@ -23,7 +23,8 @@ from torch import nn
 
 from surgery.errors import PruningError, SurgeryError
 from surgery.inputs import as_args_kwargs, default_example_inputs
-from surgery.prune.groups import Bundle, OpaqueMixerPruner, ReplacementPruner, UnitSet
+from surgery.sparsity import replacement_unit_sets
+from surgery.units import Bundle, OpaqueMixerPruner, ReplacementPruner
 from surgery.prune.importance import IMPORTANCES, torch_pruning_importance
 from surgery.registry import get_replacement
 from surgery.swap import ReplacedAttention, count_parameters, replaced_sites, use_original_attention
@@ -131,10 +132,10 @@ def _site_pruners(model: nn.Module, skip_unprunable: bool) -> tuple[list, list[s
             unprunable.append(f"{wrapper.site.name} ({wrapper.replacement})")
             sites.append((wrapper, None))
         else:
-            pruner = spec.pruner() if isinstance(spec.pruner, type) else spec.pruner
+            pruner = spec.make_pruner()
             if not isinstance(pruner, ReplacementPruner):
                 raise PruningError(f"the pruner of {wrapper.replacement!r} must subclass "
-                                   "surgery.prune.groups.ReplacementPruner")
+                                   "surgery.units.ReplacementPruner")
             sites.append((wrapper, pruner))
     if unprunable and not skip_unprunable:
         raise PruningError(f"site(s) {', '.join(unprunable)} have no registered pruner; register one "
@@ -146,7 +147,7 @@ def _site_pruners(model: nn.Module, skip_unprunable: bool) -> tuple[list, list[s
 # ------------------------------------------------------------------------------ dependency graph
 
 @contextlib.contextmanager
-def _traced_as_one_layer(mixers: list[nn.Module]) -> Iterator[None]:
+def _traced_as_one_layer(site_pruners: list) -> Iterator[None]:
     """While torch-pruning traces, each replacement computes one opaque in -> out map.
 
     torch-pruning follows autograd nodes; inside a recurrent mixer it meets LSTM/GRU nodes and
@@ -154,10 +155,14 @@ def _traced_as_one_layer(mixers: list[nn.Module]) -> Iterator[None]:
     shapes gives the graph exactly the dependencies the mixer has toward the rest of the model
     (input_dim in, output_dim out); the mixer's pruner owns everything inside.
     """
-    own = {id(m): m.__dict__["forward"] for m in mixers if "forward" in m.__dict__}  # e.g. a fast path
-    for mixer in mixers:
+    mixers = [w.mixer for w, _ in site_pruners]
+    own = {id(m): m.__dict__["forward"] for m in mixers if "forward" in m.__dict__}  # an instance override
+    for wrapper, pruner in site_pruners:
+        mixer = wrapper.mixer
         reference = next(mixer.parameters(), torch.zeros(()))
-        weight = torch.zeros(_out_width(mixer), mixer.shape.input_dim, requires_grad=True,
+        # the width the pruner reports (pruned heads may have shrunk it below shape.output_dim)
+        width = (pruner or OpaqueMixerPruner()).get_out_channels(mixer)
+        weight = torch.zeros(width, mixer.shape.input_dim, requires_grad=True,
                              device=reference.device, dtype=reference.dtype)
         mixer.forward = (lambda w: lambda x, padding_mask=None: F.linear(x, w))(weight)
     try:
@@ -167,14 +172,6 @@ def _traced_as_one_layer(mixers: list[nn.Module]) -> Iterator[None]:
             mixer.__dict__.pop("forward", None)
             if id(mixer) in own:
                 mixer.forward = own[id(mixer)]
-
-
-def _out_width(mixer: nn.Module) -> int:
-    if hasattr(mixer, "heads"):
-        return sum(h.out.out_features for h in mixer.heads)
-    if hasattr(mixer, "out") and isinstance(mixer.out, nn.Linear):
-        return mixer.out.out_features
-    return mixer.shape.output_dim
 
 
 def _call(model: nn.Module, example_inputs: Any) -> Any:
@@ -215,9 +212,8 @@ def build_graph(model: nn.Module, example_inputs: Any, site_pruners: list,
             ignored += list(wrapper.original.modules())
     flags = [(m, m.training) for m in model.modules()]
     args, kwargs = as_args_kwargs(example_inputs)
-    mixers = [w.mixer for w, _ in site_pruners]
     try:
-        with _traced_as_one_layer(mixers), torch.enable_grad(), _quiet_warnings():
+        with _traced_as_one_layer(site_pruners), torch.enable_grad(), _quiet_warnings():
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=(args, kwargs),
                 forward_fn=lambda m, inputs: m(*inputs[0], **inputs[1]),
@@ -289,16 +285,8 @@ def _mlp_groups(model: nn.Module, graph, ignored: list[nn.Module], site_pruners:
 
 # ---------------------------------------------------------------------------------------- bundles
 
-def replacement_bundles_sets(model: nn.Module) -> Iterator[tuple[nn.Module, UnitSet]]:
-    """(owner module, unit set) for every unit set of every prunable replacement (``hoyer_square``)."""
-    for wrapper in replaced_sites(model):
-        spec = get_replacement(wrapper.replacement)
-        if spec.pruner is None:
-            continue
-        pruner = spec.pruner() if isinstance(spec.pruner, type) else spec.pruner
-        for bundle in pruner.unit_bundles(wrapper.mixer, wrapper.site.name):
-            for unit_set in bundle.unit_sets:
-                yield bundle.owner, unit_set
+#: (owner module, unit set) of every prunable replacement unit: defined below prune and distill
+replacement_bundles_sets = replacement_unit_sets
 
 
 def _graph_bundle(graph, group, name: str) -> Bundle:
@@ -608,10 +596,6 @@ def prune(
             from surgery.distill import distill
         except ImportError as error:
             raise PruningError(f"recovery needs surgery.distill, which cannot be imported ({error})") from None
-        # surgery.distill's batched LSTM fast path recurses forever on mixers whose heads have
-        # different sizes (its fallback calls the patched forward again); the plain path gives the
-        # same results, so pruned models use it until the fast path handles them
-        distill_settings.setdefault("fast", False)
         report.recovery = distill(recovery_teacher, model, data, mode=recover_mode, steps=recover_steps,
                                   progress=progress, **distill_settings)
         report.output_cosine_recovered = _cosine(reference, _eval_output(model, example_inputs))

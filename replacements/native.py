@@ -1,0 +1,107 @@
+"""The native recurrence kernel (``csrc/recurrence.cpp``): built once with
+``torch.utils.cpp_extension.load``, cached by a hash of its source, its flags and torch's version.
+
+Portable by default: no ``-march=native`` (a build cache shared by several machines must not hand
+one CPU's instructions to another); ``SURGERY_NATIVE_MARCH=1`` asks for this CPU's full
+instruction set (the CPU's identity then joins the hash). ``SURGERY_FAST_KERNEL=0`` disables the
+kernel. Without a C++ compiler the PyTorch loop (``recurrence._recurrence_torch``, the tested
+reference) runs instead, and one line says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "recurrence.cpp"
+
+# -ffast-math only when compiling (it lets GCC call libmvec's vector expf/tanhf); the link line
+# never sees it, so crtfastmath's flush-to-zero is not set for the whole process
+_PORTABLE_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
+_LINK_FLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_kernel: Any = None
+_error: str | None = None
+
+
+def _flags() -> list[str]:
+    flags = list(_PORTABLE_FLAGS)
+    if os.environ.get("SURGERY_NATIVE_MARCH") == "1":
+        flags.append("-march=native")
+    return flags
+
+
+def _cpu_identity() -> str:
+    identity = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as handle:
+            identity += sorted({line for line in handle if line.startswith(("model name", "flags"))})
+    except OSError:
+        identity.append(platform.processor())
+    return "".join(identity)
+
+
+def build_name() -> str:
+    """The extension's name: a hash of the source, the flags, torch's version (and, with
+    ``-march=native``, the CPU), so a changed input never reuses a stale build."""
+    flags = _flags()
+    parts = [SOURCE.read_bytes().decode(), " ".join(flags), " ".join(_LINK_FLAGS), torch.__version__]
+    if "-march=native" in flags:
+        parts.append(_cpu_identity())
+    return "surgery_recurrence_" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def load_kernel() -> Any:
+    """The compiled kernel module, or None (the reason is kept for ``kernel_status``)."""
+    global _kernel, _error
+    with _lock:
+        if _kernel is not None or _error is not None:
+            return _kernel
+        if os.environ.get("SURGERY_FAST_KERNEL", "1") == "0":
+            _error = "disabled by SURGERY_FAST_KERNEL=0"
+            return None
+        if _compiler() is None:
+            _error = "no C++ compiler found (c++, g++ or clang++)"
+            warnings.warn(f"surgery: {_error}; mhlstm/gru inference runs the PyTorch loop (same results, "
+                          "slower); install g++ for the native kernel", RuntimeWarning, stacklevel=3)
+            return None
+        # importing cpp_extension warns "No CUDA runtime is found" on CPU machines: not our concern
+        cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_logger.level
+        cpp_logger.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load
+
+            _kernel = load(name=build_name(), sources=[str(SOURCE)], extra_cflags=_flags(),
+                           extra_ldflags=_LINK_FLAGS, verbose=False)
+        except Exception as error:  # no headers, a failed build, ...: the PyTorch loop still works
+            lines = str(error).strip().splitlines()
+            _error = f"{type(error).__name__}: {lines[-1] if lines else ''}"
+        finally:
+            cpp_logger.setLevel(level)
+        return _kernel
+
+
+def kernel_status() -> dict[str, Any]:
+    """Whether the native recurrence kernel is available (compiling it on first call).
+
+    Example:
+        >>> sorted(kernel_status())
+        ['available', 'error']
+    """
+    kernel = load_kernel()
+    return {"available": kernel is not None, "error": _error}

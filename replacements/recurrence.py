@@ -1,0 +1,416 @@
+"""Every form of the multi-head recurrence (LSTM and GRU), with the gate formulas written once.
+
+- ``batched_forward``: the batched training form: every head, direction (and, in block-wise
+  distillation, every site) advances in ONE recurrence instead of one ``nn.LSTM`` / ``nn.GRU``
+  call per head; the weights are the heads' own parameters, so gradients flow back to them.
+- ``FastMultiHeadRecurrent``: the inference form: input projections of all heads, directions and
+  time steps in one batched matmul, the recurrences of all heads and both directions in one call of
+  the native kernel (``csrc/recurrence.cpp``), or of ``_recurrence_torch``, its PyTorch reference.
+- the reference form is the heads' own ``nn.LSTM`` / ``nn.GRU`` (``MultiHeadRecurrent.reference_forward``).
+
+Right padding follows ``pack_padded_sequence`` semantics everywhere (the backward direction starts
+at the last real token; outputs at pads are zero); forward-only mixers run through zeroed pads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .native import load_kernel
+from surgery.errors import SurgeryError
+
+#: gate blocks per recurrent cell type (PyTorch's order: LSTM i, f, g, o; GRU r, z, n)
+GATES = {nn.LSTM: 4, nn.GRU: 3}
+
+
+# ------------------------------------------------------------------------------- gate formulas
+
+def lstm_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step from the input part (incl. biases) and recurrent part of the gates [.., 4H]."""
+    i, f, g, o = (x_gates + h_gates).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def gru_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """One GRU step: ``x_gates`` incl. b_ih, ``h_gates`` = W_hh h + b_hh (b_hn stays inside r * .)."""
+    x_r, x_z, x_n = x_gates.chunk(3, dim=-1)
+    h_r, h_z, h_n = h_gates.chunk(3, dim=-1)
+    r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return n + z * (h - n)
+
+
+# ---------------------------------------------------------------------------- padding layout
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+
+
+def _tracing() -> bool:
+    """True under a tracer or compiler (JIT trace, torch.export, dynamo): no native calls there."""
+    return bool(torch.jit.is_tracing() or _is_exporting() or torch.compiler.is_compiling())
+
+
+def is_right_padded(padding_mask: torch.Tensor) -> bool:
+    """True when some row ends in padding and every row is real tokens first, pads last (none empty).
+
+    A mask without padding is not right-padded: it needs no packing, and unpacked is exactly what
+    the mixer computes without a mask. This is the one data-dependent decision of the recurrent
+    mixers, taken by bidirectional ones only (causal, one-direction mixers never pack).
+    """
+    if _is_exporting():
+        # packing cannot be traced (nn.LSTM sizes its state by the packed batch sizes, a tensor);
+        # the exported program serves batches without padding and checks that when it runs
+        torch._check(padding_mask.all().item(), lambda: "an exported bidirectional recurrent mixer "
+                     "takes batches without padding only")
+        return False
+    lengths = padding_mask.sum(1, keepdim=True)
+    positions = torch.arange(padding_mask.shape[1], device=padding_mask.device).unsqueeze(0)
+    layout = (padding_mask == (positions < lengths)).all() & (lengths > 0).all()
+    return bool(layout & ~padding_mask.all())
+
+
+# ------------------------------------------------------------------------------ which mixers
+
+def cell_type(mixer: nn.Module) -> type | None:
+    """``nn.LSTM`` or ``nn.GRU`` when every head of ``mixer`` (a ``MultiHeadRecurrent``) is a plain
+    single-layer cell of that type (batch first, with biases, no projection), else None.
+
+    This is the one place that decides it: the batched training form, the teacher-derived start and
+    the batch grouping all ask here.
+    """
+    heads = mixer.heads
+    kinds = {type(h.rnn) for h in heads}
+    if len(kinds) != 1 or (kind := kinds.pop()) not in GATES:
+        return None
+    plain = all(h.rnn.num_layers == 1 and getattr(h.rnn, "proj_size", 0) == 0 and h.rnn.batch_first
+                and h.rnn.bias for h in heads)
+    return kind if plain else None
+
+
+def batch_key(mixer: nn.Module) -> Any:
+    """Mixers with equal keys run in one batched recurrence; None = not batchable (pruned heads of
+    different sizes, stacked layers, other cell types)."""
+    kind = cell_type(mixer)
+    if kind is None:
+        return None
+    sizes = {(h.rnn.hidden_size, h.rnn.input_size) for h in mixer.heads}
+    if len(sizes) != 1:
+        return None
+    hidden, inputs = sizes.pop()
+    if inputs != mixer.shape.head_dim:
+        return None
+    return (kind.__name__, bool(mixer.bidirectional), hidden, inputs)
+
+
+def batch_cost(mixer: nn.Module, x: torch.Tensor) -> int:
+    """Gate values per time step of ``mixer`` in a batched recurrence."""
+    directions = 2 if mixer.bidirectional else 1
+    return len(mixer.heads) * directions * x.shape[0] * GATES[cell_type(mixer)] * mixer.heads[0].rnn.hidden_size
+
+
+# ------------------------------------------------------------------------- batched training
+
+def batched_forward(mixers: list[nn.Module], inputs: list[torch.Tensor], mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Run several multi-head LSTM (or GRU) mixers (same batch shape) in one recurrence.
+
+    Args:
+        mixers: mixers for which ``batch_key`` is not None, of one cell type, all bidirectional or all
+            not.
+        inputs: their inputs [B, N, D_i].
+        mask: the shared padding mask [B, N] (True = real token) or None.
+
+    Returns:
+        Their contexts [B, N, C_i], equal to ``mixer(x, mask)``.
+    """
+    if mask is not None and bool(mask.all()):
+        mask = None
+    bidirectional = {bool(m.bidirectional) for m in mixers}
+    kinds = {cell_type(m) for m in mixers}
+    if None in kinds:
+        return [m.reference_forward(x, mask) for m, x in zip(mixers, inputs)]
+    # pruned mixers may keep different state sizes per head: one recurrence needs one size
+    sizes = {(h.rnn.hidden_size, h.rnn.input_size) for m in mixers for h in m.heads}
+    if len(bidirectional) != 1 or len(kinds) != 1 or len({m.shape.head_dim for m in mixers}) != 1 \
+            or len(sizes) != 1 or any(h.rnn.input_size != m.shape.head_dim for m in mixers for h in m.heads):
+        return [m.reference_forward(x, mask) for m, x in zip(mixers, inputs)]
+    both, lstm = bidirectional.pop(), kinds.pop() is nn.LSTM
+    if mask is not None and both and not is_right_padded(mask):
+        return [m.reference_forward(x, mask) for m, x in zip(mixers, inputs)]
+    hidden = mixers[0].heads[0].rnn.hidden_size
+    head_dim = mixers[0].heads[0].rnn.input_size
+    # LSTM: both biases join the input gates; GRU: b_hn must stay inside r * (W_hn h + b_hn)
+    chunks, w_ih, w_hh, bias, bias_hh = [], [], [], [], []
+    for mixer, x in zip(mixers, inputs):
+        x = mixer.pre_proj(x)
+        if mask is not None:
+            x = x * mask.unsqueeze(-1).to(x.dtype)
+        for k, head in enumerate(mixer.heads):
+            part = x[..., k * head_dim:(k + 1) * head_dim]
+            rnn = head.rnn
+            for suffix, chunk in [("", part)] + ([("_reverse", part.flip(1))] if both else []):
+                chunks.append(chunk)
+                w_ih.append(getattr(rnn, "weight_ih_l0" + suffix))
+                w_hh.append(getattr(rnn, "weight_hh_l0" + suffix))
+                b_ih, b_hh = getattr(rnn, "bias_ih_l0" + suffix), getattr(rnn, "bias_hh_l0" + suffix)
+                bias.append(b_ih + b_hh if lstm else b_ih)
+                bias_hh.append(b_hh)
+    groups = len(chunks)
+    x = torch.stack(chunks)                                   # [G, B, N, d]
+    gates_x = torch.einsum("gbnd,ged->gbne", x, torch.stack(w_ih)) + torch.stack(bias)[:, None, None]
+    w_hh_t = torch.stack(w_hh).transpose(1, 2)                # [G, H, gates*H]
+    b_hh = None if lstm else torch.stack(bias_hh)[:, None]    # [G, 1, 3H]
+    batch, length = x.shape[1], x.shape[2]
+    step_mask = None
+    # forward-only mixers run through their zeroed pads as the module does; bidirectional ones hold
+    # the state at pads (pack_padded_sequence semantics)
+    if mask is not None and both:
+        forward_mask = mask.to(x.dtype)
+        per_group = [forward_mask, forward_mask.flip(1)] if both else [forward_mask]
+        step_mask = torch.stack(per_group * (groups // len(per_group)))[..., None]   # [G, B, N, 1]
+    h = x.new_zeros(groups, batch, hidden)
+    c = x.new_zeros(groups, batch, hidden)
+    outputs = []
+    # unbind once: slicing gates_x per step would make backward add a full-size zero tensor per step
+    gates_steps = gates_x.unbind(2)
+    masks = step_mask.unbind(2) if step_mask is not None else None
+    for t in range(length):
+        if lstm:
+            h_new, c_new = lstm_cell(gates_steps[t], torch.bmm(h, w_hh_t), c)
+        else:
+            h_new, c_new = gru_cell(gates_steps[t], torch.baddbmm(b_hh, h, w_hh_t), h), c  # no cell state
+        if step_mask is not None:
+            m = masks[t]
+            if lstm:
+                c = c_new * m + c * (1 - m)
+            h = h_new * m + h * (1 - m)
+            outputs.append(h_new * m)
+        else:
+            c, h = c_new, h_new
+            outputs.append(h)
+    y = torch.stack(outputs, dim=2)                           # [G, B, N, H]
+    results, index = [], 0
+    for mixer in mixers:
+        parts = []
+        for head in mixer.heads:
+            forward = y[index]
+            index += 1
+            if both:
+                backward = y[index].flip(1)
+                index += 1
+                forward = torch.cat([forward, backward], dim=-1)
+            parts.append(head.out(forward))
+        results.append(torch.cat(parts, dim=-1))
+    return results
+
+
+# ------------------------------------------------------------------------------ inference
+
+def _recurrence_torch(xg: torch.Tensor, whh: torch.Tensor, bhh: torch.Tensor,
+                      lengths: torch.Tensor | None, is_lstm: bool) -> torch.Tensor:
+    """The kernel's computation in plain PyTorch: a step loop with all units in one bmm."""
+    K, B, T, D, GP = xg.shape
+    P = whh.shape[1]
+    out = xg.new_zeros(K, B, T, D, P)
+    units = K * D
+    for b in range(B):
+        length = T if lengths is None else int(lengths[b])
+        seq = xg[:, b, :length]  # [K, L, D, GP]
+        if D == 2:
+            seq = torch.stack([seq[:, :, 0], seq[:, :, 1].flip(1)], dim=2)
+        seq = seq.permute(1, 0, 2, 3).reshape(length, units, GP)
+        h = xg.new_zeros(units, P)
+        c = xg.new_zeros(units, P)
+        states = []
+        for t in range(length):
+            a = bhh + torch.bmm(h.unsqueeze(1), whh).squeeze(1)
+            if is_lstm:
+                h, c = lstm_cell(seq[t], a, c)
+            else:
+                h = gru_cell(seq[t], a, h)
+            states.append(h)
+        hs = torch.stack(states).view(length, K, D, P).permute(1, 0, 2, 3)
+        if D == 2:
+            hs = torch.stack([hs[:, :, 0], hs[:, :, 1].flip(1)], dim=2)
+        out[:, b, :length] = hs
+    return out
+
+
+class FastMultiHeadRecurrent(nn.Module):
+    """Inference form of a ``MultiHeadRecurrent`` mixer (``mhlstm``/``gru``): same function, batched
+    projections, one native call for every head's and direction's recurrence.
+
+    Args:
+        source: the trained mixer; its pre-projection is shared, its recurrent and output weights
+            are copied into stacked, transposed, zero-padded buffers.
+        use_kernel: run the compiled kernel (default when it is available) or the PyTorch loop.
+
+    Example:
+        >>> import surgery
+        >>> from surgery.registry import MixerShape, get_replacement
+        >>> mixer = get_replacement("mhlstm").build(MixerShape(16, 16, 2, False)).eval()
+        >>> fast = FastMultiHeadRecurrent(mixer, use_kernel=False)
+        >>> x = torch.randn(1, 5, 16)
+        >>> with torch.no_grad():
+        ...     torch.allclose(fast(x), mixer(x), atol=1e-5)
+        True
+    """
+
+    def __init__(self, source: nn.Module, use_kernel: bool | None = None,
+                 projection: nn.Linear | None = None) -> None:
+        super().__init__()
+        rnns = [head.rnn for head in source.heads]
+        kinds = {type(rnn) for rnn in rnns}
+        if len(kinds) != 1 or not issubclass(kinds.pop(), (nn.LSTM, nn.GRU)):
+            raise ValueError("every head must be an nn.LSTM or every head an nn.GRU")
+        first = rnns[0]
+        if any(getattr(rnn, "proj_size", 0) for rnn in rnns):
+            raise ValueError("LSTMs with proj_size are not supported by the fast form")
+        if any(rnn.num_layers != first.num_layers or rnn.bidirectional != first.bidirectional
+               for rnn in rnns):
+            raise ValueError("heads must share num_layers and bidirectional")
+        self.is_lstm = isinstance(first, nn.LSTM)
+        self.gates = 4 if self.is_lstm else 3
+        self.directions = 2 if first.bidirectional else 1
+        self.num_layers = first.num_layers
+        self.bidirectional = source.bidirectional
+        self.pre_proj = source.pre_proj
+        self.use_kernel = use_kernel
+        self.hidden_sizes = [rnn.hidden_size for rnn in rnns]
+        self.input_sizes = [rnn.input_size for rnn in rnns]
+        self.output_sizes = [head.out.out_features for head in source.heads]
+        # a multiple of 8 floats, so the kernel's mat-vec runs in whole vector registers
+        self.padded = -(-max(self.hidden_sizes) // 8) * 8
+        reference = first.weight_ih_l0
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                w_in, b_in, w_hh, b_hh = self._layer_weights(rnns, layer)
+                self.register_buffer(f"w_in{layer}", w_in.to(reference))
+                self.register_buffer(f"b_in{layer}", b_in.to(reference))
+                self.register_buffer(f"w_hh{layer}", w_hh.to(reference))
+                self.register_buffer(f"b_hh{layer}", b_hh.to(reference))
+            w_out, b_out = self._output_weights(source)
+            self.register_buffer("w_out", w_out.to(reference))
+            self.register_buffer("b_out", b_out.to(reference))
+            self.folded = projection is not None
+            if projection is not None:
+                # the per-head output Linears and the reused out-projection, multiplied out: one
+                # GEMM from every head's hidden states straight to the block's output
+                w_fold, b_fold = self._fold(w_out, b_out, projection)
+                self.register_buffer("w_fold", w_fold.to(reference))
+                self.register_buffer("b_fold", b_fold.to(reference))
+        self.register_buffer("sizes", torch.tensor(
+            [h for h in self.hidden_sizes for _ in range(self.directions)], dtype=torch.long),
+            persistent=False)
+
+    def _layer_weights(self, rnns: list[nn.RNNBase], layer: int) -> tuple[torch.Tensor, ...]:
+        K, D, G, P = len(rnns), self.directions, self.gates, self.padded
+        inputs = max(self.input_sizes) if layer == 0 else D * P
+        w_in = torch.zeros(K, inputs, D * G * P)
+        b_in = torch.zeros(K, 1, D * G * P)
+        w_hh = torch.zeros(K * D, P, G * P)
+        b_hh = torch.zeros(K * D, G * P)
+        for k, rnn in enumerate(rnns):
+            H = rnn.hidden_size
+            for d in range(D):
+                suffix = f"_l{layer}" + ("_reverse" if d else "")
+                weight_ih = getattr(rnn, "weight_ih" + suffix).detach().float().cpu()
+                weight_hh = getattr(rnn, "weight_hh" + suffix).detach().float().cpu()
+                bias_ih = getattr(rnn, "bias_ih" + suffix, None) if rnn.bias else None
+                bias_hh = getattr(rnn, "bias_hh" + suffix, None) if rnn.bias else None
+                unit = k * D + d
+                for g in range(G):
+                    rows = slice(g * H, (g + 1) * H)
+                    column = d * G * P + g * P
+                    block = weight_ih[rows]  # [H, inputs of this head]
+                    if layer == 0:
+                        w_in[k, : block.shape[1], column: column + H] = block.T
+                    else:  # input = previous layer's [forward H | backward H], padded to P each
+                        for dd in range(D):
+                            w_in[k, dd * P: dd * P + H, column: column + H] = block[:, dd * H:(dd + 1) * H].T
+                    w_hh[unit, :H, g * P: g * P + H] = weight_hh[rows].T
+                    if bias_ih is not None:
+                        b_in[k, 0, column: column + H] = bias_ih.detach().float().cpu()[rows]
+                        b_hh[unit, g * P: g * P + H] = bias_hh.detach().float().cpu()[rows]
+        return w_in, b_in, w_hh.contiguous(), b_hh.contiguous()
+
+    def _output_weights(self, source: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        K, D, P = len(source.heads), self.directions, self.padded
+        w_out = torch.zeros(K, D * P, max(self.output_sizes))
+        b_out = torch.zeros(K, 1, max(self.output_sizes))
+        for k, head in enumerate(source.heads):
+            H = head.rnn.hidden_size
+            weight = head.out.weight.detach().float().cpu()  # [O, D*H]
+            for d in range(D):
+                w_out[k, d * P: d * P + H, : weight.shape[0]] = weight[:, d * H:(d + 1) * H].T
+            if head.out.bias is not None:
+                b_out[k, 0, : weight.shape[0]] = head.out.bias.detach().float().cpu()
+        return w_out, b_out
+
+    def _fold(self, w_out: torch.Tensor, b_out: torch.Tensor,
+              projection: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = projection.weight.detach().double().cpu()  # [D_out, sum O_k]
+        if weight.shape[1] != sum(self.output_sizes):
+            raise ValueError("the projection does not read the concatenated head outputs")
+        blocks, offset = [], 0
+        bias = (projection.bias.detach().double().cpu() if projection.bias is not None
+                else torch.zeros(weight.shape[0], dtype=torch.float64))
+        for k, width in enumerate(self.output_sizes):
+            part = weight[:, offset: offset + width]  # [D_out, O_k]
+            blocks.append(w_out[k, :, :width].double() @ part.T)  # [D*P, D_out]
+            bias = bias + b_out[k, 0, :width].double() @ part.T
+            offset += width
+        return torch.cat(blocks).float().contiguous(), bias.float()
+
+    def _recurrence(self, xg: torch.Tensor, layer: int, lengths: torch.Tensor | None) -> torch.Tensor:
+        w_hh, b_hh = getattr(self, f"w_hh{layer}"), getattr(self, f"b_hh{layer}")
+        use_kernel = self.use_kernel if self.use_kernel is not None else True
+        # a tracer (FLOP counting, ONNX) cannot see into the native call: it gets the PyTorch loop
+        native = use_kernel and xg.device.type == "cpu" and xg.dtype == torch.float32 and not _tracing()
+        kernel = load_kernel() if native else None
+        if kernel is not None:
+            empty = torch.empty(0, dtype=torch.long)
+            return kernel.recurrence(xg.contiguous(), w_hh, b_hh, self.sizes.cpu(),
+                                     empty if lengths is None else lengths.cpu().long(), self.is_lstm)
+        return _recurrence_torch(xg, w_hh, b_hh, lengths, self.is_lstm)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.pre_proj(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise SurgeryError("the fast recurrent form is inference-only (no gradients); run it under "
+                               "torch.inference_mode() or torch.no_grad(), or train the original form")
+        lengths = None
+        if padding_mask is not None:
+            x = x * padding_mask.unsqueeze(-1).to(x.dtype)
+            if self.bidirectional and is_right_padded(padding_mask):
+                lengths = padding_mask.sum(1)
+        B, T, _ = x.shape
+        K, D, G, P = len(self.hidden_sizes), self.directions, self.gates, self.padded
+        flat = x.reshape(B * T, -1)
+        if len(set(self.input_sizes)) == 1:
+            states = flat.view(B * T, K, self.input_sizes[0]).transpose(0, 1)
+        else:
+            width = max(self.input_sizes)
+            states = torch.stack([F.pad(c, (0, width - c.shape[-1]))
+                                  for c in flat.split(self.input_sizes, dim=-1)])
+        for layer in range(self.num_layers):
+            xg = torch.baddbmm(getattr(self, f"b_in{layer}"), states, getattr(self, f"w_in{layer}"))
+            hidden = self._recurrence(xg.view(K, B, T, D, G * P), layer, lengths)
+            states = hidden.view(K, B * T, D * P)
+        if self.folded:
+            flat_states = states.transpose(0, 1).reshape(B * T, K * D * P)
+            return torch.addmm(self.b_fold, flat_states, self.w_fold).view(B, T, -1)
+        y = torch.baddbmm(self.b_out, states, self.w_out)  # [K, B*T, O]
+        if len(set(self.output_sizes)) == 1:
+            return y.transpose(0, 1).reshape(B, T, -1)
+        return torch.cat([y[k, :, :o] for k, o in enumerate(self.output_sizes)], dim=-1).view(B, T, -1)
+
+    def extra_repr(self) -> str:
+        kind = "lstm" if self.is_lstm else "gru"
+        return (f"{kind}, heads={len(self.hidden_sizes)}, hidden={self.hidden_sizes}, "
+                f"directions={self.directions}, layers={self.num_layers}, "
+                f"projection_folded={self.folded}")
