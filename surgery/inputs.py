@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,4 +108,57 @@ def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 16) 
     raise SurgeryError(
         f"cannot guess example inputs for {type(model).__name__}; pass example_inputs=... (a tensor, "
         "a tuple of arguments or a dict of keyword arguments) or give the model an example_inputs() method"
+    )
+
+
+def load_example_inputs(path: str | Path) -> Inputs:
+    """Example inputs from a file of tensors, for models with several inputs (CLI ``--inputs``).
+
+    A ``.safetensors`` file, or a ``torch.save`` file read with ``weights_only=True`` (no code runs)
+    holding a tensor, a list/tuple of tensors or a dict of tensors. Dict keys are the forward's
+    keyword arguments, except keys "0", "1", ... which are positional arguments in that order.
+
+    Args:
+        path: the file.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> file = tempfile.mkdtemp() + "/inputs.safetensors"
+        >>> save_file({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, file)
+        >>> args, kwargs = load_example_inputs(file)
+        >>> args, list(kwargs)
+        ((), ['input_ids'])
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"--inputs file {str(path)!r} does not exist; give a .safetensors or torch.save file of tensors")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is one line
+        first = str(error).strip().splitlines()
+        raise SurgeryError(
+            f"cannot read example inputs from {str(path)!r} ({type(error).__name__}: "
+            f"{first[0][:160] if first else ''}); give a .safetensors file or a torch.save file of tensors"
+        ) from None
+    if isinstance(data, dict):
+        bad = sorted(k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+        if bad or not data:
+            raise SurgeryError(f"example inputs in {str(path)!r} must map names to tensors (bad keys: {bad[:3]})")
+        positional = sorted((k for k in data if k.isdigit()), key=int)
+        if positional != [str(i) for i in range(len(positional))]:
+            raise SurgeryError(f"positional inputs in {str(path)!r} must be keyed 0, 1, 2, ...; got {positional}")
+        return tuple(data[k] for k in positional), {k: v for k, v in data.items() if not k.isdigit()}
+    if isinstance(data, torch.Tensor):
+        return (data,), {}
+    if isinstance(data, (list, tuple)) and data and all(isinstance(v, torch.Tensor) for v in data):
+        return tuple(data), {}
+    raise SurgeryError(
+        f"{str(path)!r} holds {type(data).__name__}; example inputs must be a tensor, a list of tensors "
+        "or a dict of tensors"
     )

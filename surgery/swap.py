@@ -257,6 +257,21 @@ def _serves(spec: Replacement) -> tuple[str, ...]:
     return tuple(getattr(spec, "serves", None) or ("self",))  # the registry's kinds hook
 
 
+def unserved_sites(sites: list[AttentionSite], replacement: str) -> list[SkippedSite]:
+    """The sites ``replace_attention(..., replacement, on_unsupported="skip")`` would leave alone
+    for their kind, with the reason, plus those the locator could not describe (``sites.skipped``).
+
+    Example:
+        >>> import timm, surgery
+        >>> sites = surgery.find_attention(timm.create_model("deit_tiny_patch16_224"))
+        >>> unserved_sites(sites, "mhlstm")
+        []
+    """
+    spec = get_replacement(replacement)
+    return list(getattr(sites, "skipped", ())) + [
+        SkippedSite(s.name, s.module_type, s.kind, _kind_reason(s, spec)) for s in sites if s.kind not in _serves(spec)]
+
+
 def _layout(output: Any) -> tuple:
     """What the rest of the model sees of a site's output: container, length, main tensor's shape and dtype."""
     first = _first_tensor(output)

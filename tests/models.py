@@ -334,3 +334,9 @@ def tiny_llama_lm():
     return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                         bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def two_stream_factory():
+    """A two-input model for the CLI's ``--inputs`` (it has no ``example_inputs()``)."""
+    torch.manual_seed(0)
+    return TwoStreamModel()

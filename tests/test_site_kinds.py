@@ -240,3 +240,56 @@ def test_replacements_take_the_training_mode_of_the_original(replacement):
     model = HandWrittenModel().train()
     surgery.replace_attention(model, replacement, inputs)
     assert all(m.training for w in model.modules() if isinstance(w, ReplacedAttention) for m in w.modules())
+
+
+# ----------------------------------------------------------------------------- the CLI
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_inspect_of_a_saved_seq2seq_reports_cross_attention_as_skipped(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    tiny_t5().save_pretrained(tmp_path / "t5")
+    result = _invoke("inspect", "--model", f"hf:{tmp_path / 't5'}", "--json")
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.stdout)
+    assert len(sites) == 6
+    skipped = [s for s in sites if s["skip_reason"]]
+    assert [s["kind"] for s in skipped] == ["cross", "cross"] and all("EncDecAttention" in s["name"] for s in skipped)
+    table = _invoke("inspect", "--model", f"hf:{tmp_path / 't5'}")
+    assert "2 attention sites skipped" in table.stdout
+    strict = _invoke("inspect", "--model", f"hf:{tmp_path / 't5'}", "--strict")
+    assert strict.exit_code == 2 and "cross-attention" in strict.stderr and "Traceback" not in strict.output
+    # (transformers' own weight-loading progress bar may come before the one error line)
+    assert strict.stderr.strip().splitlines()[-1].startswith("error: --strict: 'mhlstm' would skip 2 site(s)")
+
+
+def test_cli_replace_with_inputs_from_a_file(tmp_path, monkeypatch):
+    import json
+
+    from safetensors.torch import save_file
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    spec = ["--model", "py:models:two_stream_factory", "--with", "conv", "--allow-code"]
+    guessed = _invoke("replace", *spec)
+    assert guessed.exit_code == 2 and "cannot guess example inputs" in guessed.stderr
+    file = tmp_path / "inputs.safetensors"
+    save_file({"0": torch.randn(2, 6, 32), "1": torch.randn(2, 5, 32)}, str(file))
+    result = _invoke("replace", *spec, "--inputs", str(file), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["sites"] == 2 and [s["name"] for s in summary["skipped"]] == ["cross"]
+    strict = _invoke("replace", *spec, "--inputs", str(file), "--strict")
+    assert strict.exit_code == 2 and "'cross'" in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
+    torch.save({"image": torch.randn(2, 6, 32), "text": torch.randn(2, 5, 32)}, tmp_path / "named.pt")
+    named = _invoke("replace", *spec, "--inputs", str(tmp_path / "named.pt"), "--json")
+    assert named.exit_code == 0, named.output and json.loads(named.stdout)["sites"] == 2
+    (tmp_path / "bad.pt").write_text("not tensors")
+    bad = _invoke("replace", *spec, "--inputs", str(tmp_path / "bad.pt"))
+    assert bad.exit_code == 2 and "cannot read example inputs" in bad.stderr
