@@ -105,6 +105,28 @@ def _recipes() -> list[dict]:
     return [{"name": r.name, "description": r.description} for r in list_recipes()]
 
 
+InputsOption = Annotated[Optional[Path], typer.Option(
+    "--inputs", help="Example inputs for the model's forward: a .safetensors (or torch.save, read with "
+                     "weights_only) file of tensors; dict keys are keyword arguments, keys 0, 1, ... positional.")]
+StrictOption = Annotated[bool, typer.Option(
+    "--strict", help="Fail (exit 2) when an attention site would be skipped (cross, class/pooling or "
+                     "windowed attention, or a site that fails the check), instead of reporting it.")]
+
+
+def _example_inputs(path: Optional[Path]):
+    from surgery.inputs import load_example_inputs
+
+    return load_example_inputs(path) if path is not None else None
+
+
+def _print_skipped(skipped) -> None:
+    from surgery.sites import SkippedSite
+
+    if skipped:
+        print_table(f"{len(skipped)} attention sites skipped (left as they are)", list(SkippedSite.COLUMNS),
+                    [s.row() for s in skipped])
+
+
 def inspect_command(
     run: Annotated[Optional[Path], typer.Argument(help="A saved model directory to describe.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help=ModelOption.__metadata__[0].help)] = None,
@@ -113,9 +135,15 @@ def inspect_command(
     targets: TargetsOption = None,
     exclude: ExcludeOption = None,
     method: Annotated[str, typer.Option(help="auto, fx, export or type.")] = "auto",
+    inputs: InputsOption = None,
+    with_: Annotated[str, typer.Option(
+        "--with", "-w", help="Replacement whose served site kinds decide what is reported as skipped.")] = "mhlstm",
+    strict: StrictOption = False,
+    plugin: PluginOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Show the attention sites of a model (--model) or of a saved directory (RUN)."""
+    """Show the attention sites of a model (--model) or of a saved directory (RUN), and the sites
+    `surgery replace --with NAME` would skip, with the reason."""
     from surgery.errors import SurgeryError
     from surgery.sites import AttentionSite
 
@@ -138,13 +166,25 @@ def inspect_command(
     from surgery.locate import find_attention
     from surgery.models import load_model
 
+    from surgery.swap import unserved_sites
+
+    load_plugins(plugin)
+    example = _example_inputs(inputs)
     net = load_model(model, random_init=random_init, checkpoint=checkpoint)
-    found = find_attention(net, targets=rule(targets), exclude=rule(exclude), method=method)
+    found = find_attention(net, example, targets=rule(targets), exclude=rule(exclude), method=method,
+                           on_unsupported="raise" if strict else "skip")
+    skipped = unserved_sites(found, with_)
+    if strict and skipped:
+        raise SurgeryError(f"--strict: {with_!r} would skip {len(skipped)} site(s), first "
+                           f"{skipped[0].name!r}: {skipped[0].reason}")
     if json_output:
-        print_json([s.to_dict() for s in found])
+        reasons = {s.name: s.reason for s in skipped}
+        print_json([{**s.to_dict(), "skip_reason": reasons.get(s.name)} for s in found]
+                   + [{**s.to_dict(), "skip_reason": s.reason} for s in found.skipped])
         return
     print_table(f"{len(found)} attention sites in {model}", list(AttentionSite.COLUMNS),
                 [s.row() for s in found])
+    _print_skipped(skipped)
 
 
 def replace_command(
@@ -171,6 +211,8 @@ def replace_command(
     minutes: Annotated[Optional[float], typer.Option(
         "--minutes", help="Stop distilling after this many minutes of training (the same as "
                           "--distill-set max_seconds=60*N).")] = None,
+    inputs: InputsOption = None,
+    strict: StrictOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Replace every attention block of a model and save it (originals kept for distillation);
@@ -202,21 +244,23 @@ def replace_command(
         flags = {"mode": mode, "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len}
         flags, given = apply_recipe_defaults(model, flags, given)
         mode, steps, lr, batch_size, seq_len = (flags[k] for k in ("mode", "steps", "lr", "batch_size", "seq_len"))
+    example = _example_inputs(inputs)
     torch.manual_seed(seed)  # the replacements' random initialisation is reproducible
     net = load_model(model, random_init=random_init, checkpoint=checkpoint)
-    report = replace_attention(net, with_, config=parse_settings(settings), targets=rule(targets),
-                               exclude=rule(exclude))
+    report = replace_attention(net, with_, example, config=parse_settings(settings), targets=rule(targets),
+                               exclude=rule(exclude), on_unsupported="raise" if strict else "skip")
     if out is not None:
         save(net, out, extra={"replace": {"model": model, "replacement": with_,
                                           "random_init": random_init}})
     summary = {"model": model, "replacement": with_, "sites": len(report.sites),
                "params_before": report.params_before, "params_after": report.params_after,
-               "out": str(out) if out else None}
+               "out": str(out) if out else None, "skipped": [s.to_dict() for s in report.skipped]}
     if json_output and not data:
         print_json({**summary, "per_site": [dict(zip(report.COLUMNS, r)) for r in report.rows()]})
         return
     if not json_output:
         print_table(f"{with_} in {model}", list(report.COLUMNS), report.rows())
+        _print_skipped(report.skipped)
         console.print(f"model params: {report.params_before:,} -> {report.params_after:,} "
                       f"({report.params_after / report.params_before:.2f}x)"
                       + (f"; saved to {out}" if out else ""))
