@@ -46,6 +46,18 @@ class ExportError(SurgeryError):
     """A model that cannot be exported in the requested format."""
 
 
+class StorageError(SurgeryError):
+    """A file or directory that cannot be written (read-only, disk full, a file in the way)."""
+
+
+class RunLockedError(SurgeryError):
+    """A run directory that another process is writing (it holds the directory's lock)."""
+
+
+class OutputExistsError(SurgeryError):
+    """An output directory that holds other files or another run (the CLI's ``--overwrite`` confirms)."""
+
+
 def close_matches(name: str, choices) -> str:
     """Return a ' Did you mean ...?' suffix for an unknown name, or ''."""
     import difflib

@@ -45,6 +45,7 @@ from torch import nn
 
 from surgery.data import Batches, data_from_spec, padding_mask_of, split_batch, to_device
 import surgery.distill.augment as augment
+from surgery.checkpoint import lock_directory
 from surgery.distill.cache import TeacherCache, batch_digest
 from surgery.distill.capture import SiteRecord, StudentCapture, TeacherCapture
 from surgery.distill.fastpath import fast_mixers, site_forward
@@ -52,7 +53,7 @@ from surgery.distill.distributed import World, all_mean, average_gradients, barr
 from surgery.distill.fidelity import (
     FidelityReport, call_model, evaluate_fidelity, main_output, mean_pool, output_kind,
 )
-from surgery.distill.rundir import FIDELITY, RunDirectory
+from surgery.distill.rundir import FIDELITY, RunDirectory, settings_that_differ
 from surgery.distill.settings import RULES, check_names, check_settings
 from surgery.errors import DataError, SurgeryError, TrainingDivergedError
 from surgery.progress import NullProgress, Progress
@@ -435,8 +436,10 @@ def distill(
     device = _check_call(teacher, student, data, eval_data, config, run_dir, resume, batch_transform, device)
     world = init_from_env(device)
     try:
-        return _Trainer(teacher, student, data, eval_data, config, device, world, run_dir, resume,
-                        progress or NullProgress(), batch_transform).run()
+        # one writer per run directory: a second process gets one line (only the main process writes)
+        with lock_directory(run_dir) if run_dir is not None and world.main else contextlib.nullcontext():
+            return _Trainer(teacher, student, data, eval_data, config, device, world, run_dir, resume,
+                            progress or NullProgress(), batch_transform).run()
     finally:
         shutdown(world)
 
@@ -668,9 +671,15 @@ class _Trainer:
         """Weights, optimizer, schedule, random state and data position from a checkpoint of this stage."""
         run = self.rundir
         if checkpoint["stage"] != self.stage:
-            raise SurgeryError(f"the checkpoint in {run.path} belongs to other settings (stage "
-                               f"{checkpoint['stage']} vs {self.stage}); resume with the same settings or "
-                               "start without --resume")
+            # name the settings that differ from config.json, when it belongs to the checkpoint's stage
+            recorded = run.read_config() if (run.path / "config.json").is_file() else {}
+            names = {f.name for f in dataclasses.fields(DistillConfig)}
+            stage_of = lambda values: DistillConfig(**{k: v for k, v in values.items() if k in names}).key()  # noqa: E731
+            differ = (settings_that_differ(recorded, dataclasses.asdict(self.config), stage_of)
+                      if recorded.get("stage") == checkpoint["stage"] else [])
+            what = ", ".join(differ) or f"stage {checkpoint['stage']} vs {self.stage}"
+            raise SurgeryError(f"the checkpoint in {run.path} belongs to other settings ({what}); resume with the "
+                               "same settings or start without --resume")
         by_name = dict(self.named)
         missing = [k for k in checkpoint["params"] if k not in by_name]
         if missing:

@@ -9,6 +9,7 @@ Layout of ``RUN/``:
                       leaves the previous checkpoint intact)
 - ``manifest.json`` + ``model.safetensors``  the model (``surgery.save``) at the end of each stage
 - ``fidelity.json``   the fidelity report of the last finished stage
+- ``.surgery.lock``   while a process writes the directory (``surgery.checkpoint.lock_directory``)
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from surgery.checkpoint import atomic_write
-from surgery.errors import SurgeryError
+from surgery.errors import StorageError, SurgeryError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -94,7 +95,11 @@ class RunDirectory:
             return
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write(self.checkpoint_path, lambda f: f.write(buffer.getbuffer()))
+        try:
+            atomic_write(self.checkpoint_path, lambda f: f.write(buffer.getbuffer()))
+        except StorageError as error:
+            kept = "the previous checkpoint is kept" if self.checkpoint_path.is_file() else "no checkpoint was written"
+            raise StorageError(f"{error}; {kept}") from None
 
     def load_checkpoint(self) -> dict | None:
         if not self.checkpoint_path.is_file():
@@ -104,3 +109,25 @@ class RunDirectory:
         except Exception as error:  # noqa: BLE001 - a damaged file shows up as many error types
             raise SurgeryError(f"{self.checkpoint_path} cannot be read ({type(error).__name__}); "
                                "delete it to start the stage again") from None
+
+
+def settings_that_differ(recorded: dict, current: dict, stage_of: Callable[[dict], str]) -> list[str]:
+    """``"lr 0.001 -> 0.002"`` for every setting whose change alone changes the stage key.
+
+    Args:
+        recorded: the settings in ``config.json`` (the stage the checkpoint belongs to).
+        current: the settings of the run that wants to resume.
+        stage_of: settings -> stage key (``DistillConfig.key`` of those settings).
+
+    Example:
+        >>> key = lambda values: str(values.get("lr"))
+        >>> settings_that_differ({"lr": 0.001, "log_every": 5}, {"lr": 0.002, "log_every": 9}, key)
+        ['lr 0.001 -> 0.002']
+    """
+    current = json.loads(json.dumps(current, default=str))  # as config.json stores them
+    base = stage_of(current)
+    found = []
+    for name in sorted(set(recorded) & set(current)):
+        if name != "stage" and recorded[name] != current[name] and stage_of({**current, name: recorded[name]}) != base:
+            found.append(f"{name} {recorded[name]!r} -> {current[name]!r}")
+    return found
