@@ -87,7 +87,7 @@ def minilm_path() -> Path:
 
 
 def load_model(spec: str | ModelSpec, *, random_init: bool = False, checkpoint: str | None = None,
-               hf_attention: str | None = None) -> nn.Module:
+               hf_attention: str | None = None, allow_code: bool = False) -> nn.Module:
     """Build the model named by ``spec`` with its pretrained weights (offline), in eval mode.
 
     Args:
@@ -95,6 +95,9 @@ def load_model(spec: str | ModelSpec, *, random_init: bool = False, checkpoint: 
         random_init: build with random weights instead (an explicit choice, never a fallback).
         checkpoint: a local weights file (.safetensors, or .pth/.bin loaded with weights_only=True).
         hf_attention: HF ``attn_implementation`` ("eager" or "sdpa"); None keeps the model's default.
+        allow_code: let an ``hf:`` directory whose config names its own Python code (``auto_map``) run
+            it (transformers' ``trust_remote_code``); otherwise such a model is refused in one line,
+            and nothing ever asks on stdin.
 
     Example:
         >>> model = load_model("deit_tiny", random_init=True)
@@ -117,7 +120,7 @@ def load_model(spec: str | ModelSpec, *, random_init: bool = False, checkpoint: 
                 "pass --checkpoint FILE with local weights, or --random-init for an untrained model"
             ) from None
     elif spec.kind in ("hf", "minilm"):
-        model = _load_hf(spec, pretrained or checkpoint is not None, hf_attention)
+        model = _load_hf(spec, pretrained or checkpoint is not None, hf_attention, allow_code)
         if random_init:
             model.apply(model._init_weights)
     elif spec.kind in ("smollm2", "gguf"):
@@ -189,7 +192,7 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
         return False
 
 
-def _load_hf(spec: ModelSpec, pretrained: bool, attention: str | None) -> nn.Module:
+def _load_hf(spec: ModelSpec, pretrained: bool, attention: str | None, allow_code: bool = False) -> nn.Module:
     try:
         from transformers import AutoModel
     except ModuleNotFoundError as error:
@@ -200,6 +203,8 @@ def _load_hf(spec: ModelSpec, pretrained: bool, attention: str | None) -> nn.Mod
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if attention:
         kwargs["attn_implementation"] = attention
+    # never None: transformers would then ask "run the custom code? [y/N]" on stdin
+    kwargs["trust_remote_code"] = bool(allow_code)
     try:
         return AutoModel.from_pretrained(location, **kwargs)
     except OSError as error:
@@ -207,6 +212,14 @@ def _load_hf(spec: ModelSpec, pretrained: bool, attention: str | None) -> nn.Mod
             f"cannot load {location!r} offline ({str(error).splitlines()[0][:120]}); pass hf:<local "
             "directory> with config.json and weights"
         ) from None
+    except ValueError as error:
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        if "custom code" in str(error) or "trust_remote_code" in str(error):
+            raise SurgeryError(f"hf:{location} needs its own Python code to load (auto_map in its config), and "
+                               "surgery never runs code from files unless allowed: pass allow_code=True "
+                               "(CLI: --allow-code) if you trust it") from None
+        raise WeightsUnavailableError(f"cannot load hf:{location} ({first}); pass hf:<directory> with a "
+                                      "config.json naming a model_type, and weights") from None
 
 
 def _load_gguf(spec: ModelSpec) -> nn.Module:
@@ -236,7 +249,12 @@ def load_weights_file(model: nn.Module, path: str) -> None:
                 if isinstance(state, dict) and isinstance(state.get(key), dict):
                     state = state[key]
     except Exception as error:  # noqa: BLE001
-        raise WeightsUnavailableError(f"cannot read checkpoint {path!r}: {error}") from None
+        # torch's own message spans many lines and suggests weights_only=False, which would run code
+        first = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+        if "weights_only" in str(error) or "pickle" in str(error).lower():
+            first = "it holds objects other than tensors, and checkpoints are read with weights_only=True"
+        raise WeightsUnavailableError(f"cannot read checkpoint {path!r} ({type(error).__name__}: {first}); give a "
+                                      ".safetensors file or a plain PyTorch state dict") from None
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise WeightsUnavailableError(
