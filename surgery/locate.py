@@ -10,6 +10,8 @@ perturbation probe only cross-checks it (random weights can hide a dependence, n
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
 import re
 from dataclasses import dataclass, field
@@ -205,7 +207,9 @@ def _graph_candidates(model: nn.Module, args, kwargs, method: str) -> tuple[list
                 from torch.fx.passes.shape_prop import ShapeProp
 
                 try:
-                    ShapeProp(graph_module).propagate(*args)
+                    # ShapeProp prints a traceback to stderr before it raises: the caller gets one line
+                    with contextlib.redirect_stderr(io.StringIO()):
+                        ShapeProp(graph_module).propagate(*args)
                 except Exception:  # shapes are a bonus; attributes give heads too
                     pass
                 graph, params = graph_module.graph, set()

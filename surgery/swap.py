@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from surgery.errors import SurgeryError, UnsupportedSiteError
+from surgery.errors import NoAttentionFoundError, SurgeryError, UnsupportedSiteError
 from surgery.inputs import as_args_kwargs, default_example_inputs, without_cache
 from surgery.locate import _Call, _causal_probe, _first_tensor, _hidden_states, find_attention
 from surgery.registry import MixerShape, Replacement, ReplacementConfig, get_replacement
@@ -414,8 +414,21 @@ def replace_attention(
     inputs = None
     if sites is None:
         inputs = as_args_kwargs(example_inputs) if example_inputs is not None else default_example_inputs(model)
-        sites = find_attention(model, inputs, targets=targets, exclude=exclude, filter_fn=filter_fn,
-                               on_unsupported=on_unsupported)
+        done = [n for n, m in model.named_modules() if isinstance(m, ReplacedAttention)]
+        chosen = filter_fn
+        if done:  # the originals kept inside earlier wrappers are attention, but never a site again
+            def chosen(name: str, module: nn.Module) -> bool:
+                inside = any(name == d or name.startswith(d + ".") for d in done)
+                return not inside and (filter_fn is None or filter_fn(name, module))
+        try:
+            sites = find_attention(model, inputs, targets=targets, exclude=exclude, filter_fn=chosen,
+                                   on_unsupported=on_unsupported)
+        except NoAttentionFoundError:
+            if not done:
+                raise
+            raise UnsupportedSiteError(f"the model is already replaced ({len(done)} sites, e.g. {done[0]!r}) and has "
+                                       "no other attention; replace the base model, or load a saved run with "
+                                       "surgery.load") from None
     elif example_inputs is not None:
         inputs = as_args_kwargs(example_inputs)
     skipped: list[SkippedSite] = list(getattr(sites, "skipped", ()))
