@@ -38,7 +38,11 @@ PluginOption = Annotated[Optional[list[str]], typer.Option(
          "surgery.register_replacement; found like `python -m` does (working directory first). "
          "Installed packages can use the entry point group surgery.replacements instead.")]
 AllowCodeOption = Annotated[bool, typer.Option(
-    "--allow-code", help="Allow a saved py:<module>:<factory> source to be imported and called.")]
+    "--allow-code", help="Allow code named by files to run: a saved py:<module>:<factory> source, or an hf: "
+                         "directory whose config names its own Python code (auto_map). Off: refused, never asked.")]
+OverwriteOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Write --out even when it holds other files or another run (that run's files are "
+                        "replaced; files surgery did not write stay).")]
 
 
 def guarded(function: Callable) -> Callable:

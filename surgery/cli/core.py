@@ -10,10 +10,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from surgery.cli.distill import (
-    BatchOption, DataOption, LrOption, ModeOption, SeqLenOption, StepsOption, run_distill,
+    BatchOption, DataOption, LrOption, ModeOption, SeqLenOption, StepsOption, check_distill_options, run_distill,
 )
 from surgery.cli.common import (
-    AllowCodeOption, CheckpointOption, ExcludeOption, JsonOption, ModelOption, PluginOption, RandomInitOption,
+    AllowCodeOption, CheckpointOption, ExcludeOption, JsonOption, ModelOption, OverwriteOption, PluginOption,
+    RandomInitOption,
     QuietOption, SetOption, TargetsOption, console, err_console, guarded, load_plugins, parse_settings, print_json,
     print_table, rule,
 )
@@ -135,6 +136,7 @@ def inspect_command(
     targets: TargetsOption = None,
     exclude: ExcludeOption = None,
     method: Annotated[str, typer.Option(help="auto, fx, export or type.")] = "auto",
+    allow_code: AllowCodeOption = False,
     inputs: InputsOption = None,
     with_: Annotated[str, typer.Option(
         "--with", "-w", help="Replacement whose served site kinds decide what is reported as skipped.")] = "mhlstm",
@@ -170,7 +172,7 @@ def inspect_command(
 
     load_plugins(plugin)
     example = _example_inputs(inputs)
-    net = load_model(model, random_init=random_init, checkpoint=checkpoint)
+    net = load_model(model, random_init=random_init, checkpoint=checkpoint, allow_code=allow_code)
     found = find_attention(net, example, targets=rule(targets), exclude=rule(exclude), method=method,
                            on_unsupported="raise" if strict else "skip")
     skipped = unserved_sites(found, with_)
@@ -192,6 +194,7 @@ def replace_command(
     with_: Annotated[str, typer.Option("--with", "-w", help="Replacement name (see `surgery list`).")] = "mhlstm",
     plugin: PluginOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Directory to save the replaced model.")] = None,
+    overwrite: OverwriteOption = False,
     random_init: RandomInitOption = False,
     checkpoint: CheckpointOption = None,
     targets: TargetsOption = None,
@@ -221,7 +224,7 @@ def replace_command(
     flag gives another value; the run prints the defaults it applied."""
     import torch
 
-    from surgery.checkpoint import save
+    from surgery.checkpoint import check_output_directory, lock_directory, same_run, save
     from surgery.errors import SurgeryError
     from surgery.models import load_model
     from surgery.registry import get_replacement
@@ -244,14 +247,29 @@ def replace_command(
         flags = {"mode": mode, "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len}
         flags, given = apply_recipe_defaults(model, flags, given)
         mode, steps, lr, batch_size, seq_len = (flags[k] for k in ("mode", "steps", "lr", "batch_size", "seq_len"))
+        steps = 1000 if steps is None else steps  # --steps 0 means no step
+        check_distill_options({k: v for k, v in dict(data=data, steps=steps, mode=mode, lr=lr, batch_size=batch_size,
+                                                     seq_len=seq_len, seed=seed, **given).items() if v is not None})
+    else:
+        unused = [f"--{k.replace('_', '-')}" for k, v in dict(steps=steps, mode=mode, lr=lr, batch_size=batch_size,
+                                                              seq_len=seq_len).items() if v is not None]
+        if unused or given:
+            raise SurgeryError(f"{', '.join(unused or ['--distill-set'])} only apply to distillation: add --data "
+                               "(e.g. --data text:python), or leave them out to only replace")
+    if out is not None and not overwrite:  # a file, or the user's own files, are refused before the model is built
+        check_output_directory(out, same_run=lambda manifest: True)
     example = _example_inputs(inputs)
     torch.manual_seed(seed)  # the replacements' random initialisation is reproducible
-    net = load_model(model, random_init=random_init, checkpoint=checkpoint)
+    net = load_model(model, random_init=random_init, checkpoint=checkpoint, allow_code=allow_code)
     report = replace_attention(net, with_, example, config=parse_settings(settings), targets=rule(targets),
                                exclude=rule(exclude), on_unsupported="raise" if strict else "skip")
     if out is not None:
-        save(net, out, extra={"replace": {"model": model, "replacement": with_,
-                                          "random_init": random_init}})
+        record = {"model": model, "replacement": with_, "random_init": random_init, "checkpoint": checkpoint,
+                  "settings": parse_settings(settings), "targets": targets, "exclude": exclude, "seed": seed}
+        with lock_directory(out):
+            check_output_directory(out, same_run=lambda manifest: same_run(manifest, net, "replace", record),
+                                   overwrite=overwrite)
+            save(net, out, extra={"replace": record})
     summary = {"model": model, "replacement": with_, "sites": len(report.sites),
                "params_before": report.params_before, "params_after": report.params_after,
                "out": str(out) if out else None, "skipped": [s.to_dict() for s in report.skipped]}
@@ -265,6 +283,6 @@ def replace_command(
                       f"({report.params_after / report.params_before:.2f}x)"
                       + (f"; saved to {out}" if out else ""))
     if data:
-        run_distill(out, data=data, steps=steps or 1000, mode=mode, lr=lr, batch_size=batch_size,
+        run_distill(out, data=data, steps=steps, mode=mode, lr=lr, batch_size=batch_size,
                     seq_len=seq_len, seed=seed, settings=given, quiet=quiet,
                     json_output=json_output, allow_code=allow_code)

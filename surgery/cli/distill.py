@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -69,17 +70,51 @@ class RichProgress(NullProgress):
         self.bar.stop()
 
 
+def check_data_spec(spec: str, option: str = "--data") -> None:
+    """The cheap checks of a data spec (its kind, and that named files exist) before anything is written."""
+    from surgery.data.spec import BUILTIN_TEXT, DATA_SPECS, text_mix
+    from surgery.errors import DataError
+
+    kind, _, rest = spec.partition(":")
+    if kind == "text":
+        for name, _ in text_mix(rest):
+            if name not in BUILTIN_TEXT and not Path(name).exists():
+                raise DataError(f"{option} {spec}: {name} does not exist; give a text file, a folder of .txt "
+                                f"files, or one of {', '.join('text:' + n for n in BUILTIN_TEXT)}")
+    elif kind == "images":
+        if not rest or not Path(rest).is_dir():
+            raise DataError(f"{option} {spec}: {rest or '(nothing)'} is not a folder of images; give images:<folder>")
+    elif kind not in ("mnist", "timm", "random"):
+        raise DataError(f"unknown data spec {spec!r} for {option}; use one of {', '.join(DATA_SPECS)}")
+
+
+def check_distill_options(chosen: dict[str, Any]) -> None:
+    """Every distillation setting the command line gave, checked before anything is loaded or written."""
+    import dataclasses
+
+    from surgery.distill.engine import DistillConfig
+    from surgery.distill.settings import check_names, check_settings
+
+    check_names(chosen, [f.name for f in dataclasses.fields(DistillConfig)])
+    check_settings(DistillConfig(**chosen))
+    for key, option in (("data", "--data"), ("eval_data", "--eval-data")):
+        if isinstance(chosen.get(key), str):
+            check_data_spec(chosen[key], option)
+
+
 def run_distill(run: Path, *, data: Optional[str] = None, steps: Optional[int] = None, mode: Optional[str] = None,
                 lr: Optional[float] = None, batch_size: Optional[int] = None, seq_len: Optional[int] = None,
                 seed: Optional[int] = None, train: Optional[str] = None, max_seconds: Optional[float] = None,
                 settings: Optional[dict[str, Any]] = None, resume: bool = False, quiet: bool = False,
                 json_output: bool = False, allow_code: bool = False, eval_data: Optional[str] = None) -> dict:
-    """Load the saved model in ``run``, distill it, save it back there, and print the fidelity report."""
-    import surgery
-    from surgery.distill.distributed import World, init_from_env
+    """Load the saved model in ``run``, distill it, save it back there, and print the fidelity report.
+
+    Every setting is checked first, and the run directory is locked while it is written."""
+    import os
+
+    from surgery.checkpoint import lock_directory, read_manifest
     from surgery.distill.rundir import RunDirectory
     from surgery.errors import SurgeryError
-    from surgery.swap import replaced_sites
 
     chosen = {k: v for k, v in dict(data=data, steps=steps, mode=mode, lr=lr, batch_size=batch_size,
                                      seq_len=seq_len, seed=seed, train=train, max_seconds=max_seconds,
@@ -100,6 +135,20 @@ def run_distill(run: Path, *, data: Optional[str] = None, steps: Optional[int] =
     if not chosen.get("data"):
         raise SurgeryError("give training data with --data (e.g. --data text:builtin, --data mnist)")
     chosen.setdefault("steps", 1000)
+    check_distill_options(chosen)  # before the model is loaded or a file written
+    read_manifest(run)  # a missing run is an error here, not a new directory made by the lock
+    # only the main process writes (torchrun sets RANK for every process)
+    with lock_directory(run) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        return _distill_locked(run, chosen, resume=resume, quiet=quiet, json_output=json_output,
+                               allow_code=allow_code)
+
+
+def _distill_locked(run: Path, chosen: dict[str, Any], *, resume: bool, quiet: bool, json_output: bool,
+                    allow_code: bool) -> dict:
+    import surgery
+    from surgery.distill.distributed import init_from_env
+    from surgery.swap import replaced_sites
+
     model = surgery.load(run, allow_code=allow_code)
     names = [w.site.name for w in replaced_sites(model)]
     world = init_from_env()
@@ -125,7 +174,8 @@ def run_distill(run: Path, *, data: Optional[str] = None, steps: Optional[int] =
     print_table("end to end vs the teacher", ["measure", "before", "after"],
                 [[k, f"{before.get(k, float('nan')):.4f}", f"{v:.4f}"] for k, v in after.items()
                  if not k.startswith("mean_site")])
-    console.print(f"{result.steps} steps ({result.mode}) in {result.seconds:.0f} s; saved to {run}"
+    console.print(f"{result.steps} steps ({result.mode}) in {result.seconds:.0f} s "
+                  f"(+ {result.setup_seconds:.0f} s before the first step); saved to {run}"
                   + (" (stopped early: max seconds)" if result.stopped_early else ""))
     return summary
 

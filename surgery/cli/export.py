@@ -33,7 +33,7 @@ def export_command(
 ) -> None:
     """Export a saved model (originals dropped) and verify the artifact against PyTorch."""
     load_plugins(plugin)
-    from surgery.checkpoint import load
+    from surgery.checkpoint import check_writable, load, storage_error
     from surgery.errors import ExportError, ManifestError
     from surgery.export import FORMATS, export
     from surgery.inputs import default_example_inputs
@@ -43,9 +43,13 @@ def export_command(
         raise ExportError(f"unknown --format {format!r}; choose one of {', '.join(FORMATS)}")
     if not run.is_dir():
         raise ManifestError(f"{run} is not a saved model directory; pass one written by `surgery replace`")
+    check_writable(out)  # before the model is loaded and exported
     model = finalize(load(run, allow_code=allow_code))
-    report = export(model, default_example_inputs(model, batch=batch), out, format, exporter=exporter,
-                    opset=opset, atol=atol, rtol=rtol)
+    try:
+        report = export(model, default_example_inputs(model, batch=batch), out, format, exporter=exporter,
+                        opset=opset, atol=atol, rtol=rtol)
+    except OSError as error:  # the disk filled up, or the location changed, while exporting
+        raise storage_error(error, out) from None
     if json_output:
         print_json(report.to_dict())
         return

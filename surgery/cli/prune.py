@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from surgery.cli.common import (
-    AllowCodeOption, JsonOption, PluginOption, console, guarded, load_plugins, print_json, print_table,
+    AllowCodeOption, JsonOption, OverwriteOption, PluginOption, console, guarded, load_plugins, print_json,
+    print_table,
 )
 
 
@@ -40,6 +41,7 @@ def prune_command(
     lr: Annotated[float, typer.Option(help="Peak learning rate of the recovery distillation.")] = 1e-3,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Directory to save the pruned model (without it, only the report is shown).")] = None,
+    overwrite: OverwriteOption = False,
     no_flops: Annotated[bool, typer.Option("--no-flops", help="Skip FLOP counting (faster).")] = False,
     allow_code: AllowCodeOption = False,
     plugin: PluginOption = None,
@@ -47,7 +49,7 @@ def prune_command(
 ) -> None:
     """Prune a saved model globally (replacement units and MLP channels); optionally recover and save."""
     load_plugins(plugin)
-    from surgery.checkpoint import load, read_manifest, save
+    from surgery.checkpoint import check_output_directory, load, lock_directory, read_manifest, same_run, save
     from surgery.errors import PruningError
     from surgery.inputs import default_example_inputs
     from surgery.prune import prune
@@ -61,6 +63,13 @@ def prune_command(
         raise PruningError("--recover-steps needs --data (e.g. --data text:builtin or --data mnist); "
                            f"{run} records no distillation data")
     previous = read_manifest(run)
+    record = {"from": str(Path(run).resolve()), "weights": previous["weights"]["sha256"], "ratio": ratio,
+              "importance": importance, "scope": scope, "global": global_ranking, "threshold": threshold,
+              "head_floor": head_floor, "skip_unprunable": skip_unprunable, "data": data,
+              "recover_steps": recover_steps, "recover_mode": recover_mode, "lr": lr}
+    if out is not None and not overwrite:  # before the work: a file, the user's files, another run are refused
+        check_output_directory(out, same_run=lambda manifest: (manifest.get("extra") or {}).get("prune_command")
+                               == record)
     model = load(run, allow_code=allow_code)
     example_inputs = default_example_inputs(model)
     report = prune(model, example_inputs, ratio=ratio, importance=importance, global_=global_ranking,
@@ -71,7 +80,12 @@ def prune_command(
         extra = dict(previous.get("extra") or {})
         extra["prune"] = {k: v for k, v in report.to_dict().items() if k != "bundles"}
         extra["prune"]["kept_units"] = report.kept_units()
-        save(model, out, extra=extra)
+        extra["prune_command"] = record
+        with lock_directory(out):
+            check_output_directory(out, same_run=lambda manifest: same_run(manifest, model, "prune_command", record,
+                                                                           require_record=True),
+                                   overwrite=overwrite)
+            save(model, out, extra=extra)
     summary = {**report.summary(), "ratio": report.ratio, "threshold": threshold, "importance": importance,
                "scope": scope, "skipped_sites": report.skipped_sites, "out": str(out) if out else None}
     if json_output:
