@@ -88,6 +88,24 @@ def test_talking_heads_projection_is_the_one_after_the_value_product():
     assert model.attn.proj is model.attn.original.proj  # the projection is reused
 
 
+def test_timm_cait_talking_heads_replaced_class_attention_skipped():
+    from timm.models.cait import Cait
+
+    torch.manual_seed(0)
+    model = Cait(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, depth_token_only=1,
+                 num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    sites = {s.name: s for s in surgery.find_attention(model, x)}
+    talking, cls = sites["blocks.0.attn"], sites["blocks_token_only.0.attn"]
+    assert (talking.module_type, talking.kind, talking.out_proj, talking.head_dim) == ("TalkingHeadAttn", "self", "proj", 16)
+    assert (cls.module_type, cls.kind, cls.note) == ("ClassAttn", "query-subset", "17 tokens in, 1 out")
+    before = _run(model, x)
+    report = surgery.replace_attention(model, "mhlstm", x, on_unsupported="skip")
+    assert [s.site.name for s in report.sites] == ["blocks.0.attn", "blocks.1.attn"]
+    assert [s.name for s in report.skipped] == ["blocks_token_only.0.attn"]
+    assert _run(model, x).shape == before.shape
+
+
 def test_torchvision_swin_windowed_sites_do_not_abort_discovery():
     import torchvision
 
