@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -359,6 +360,12 @@ def _prefer_full_prefix(model: nn.Module) -> None:
         generation = getattr(module, "generation_config", None)
         if generation is not None and getattr(generation, "use_cache", None):
             generation.use_cache = False
+            _TURNED_OFF_CACHES.setdefault(model, []).append(generation)
+
+
+#: generation configs whose use_cache replace_attention turned off, per model (restore_attention
+#: turns them back on); weak, so a model that is dropped is not kept alive
+_TURNED_OFF_CACHES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 def replace_attention(
@@ -524,6 +531,8 @@ def restore_attention(model: nn.Module) -> nn.Module:
     for name, wrapper in wrappers:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapper.original)
+    for generation in _TURNED_OFF_CACHES.pop(model, []):
+        generation.use_cache = True
     return model
 
 

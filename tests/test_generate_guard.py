@@ -92,3 +92,10 @@ def test_seq2seq_generate_with_replaced_decoder_self_attention():
     with pytest.raises(surgery.SurgeryError, match="use_cache=False"):
         with torch.no_grad():
             model.generate(source, max_new_tokens=3, do_sample=False, use_cache=True)
+
+
+def test_restore_attention_turns_the_cache_back_on():
+    model, prompt = _replaced("gpt2")
+    assert model.generation_config.use_cache is False
+    surgery.restore_attention(model)
+    assert model.generation_config.use_cache is True
