@@ -17,7 +17,8 @@ CONVENTIONS = ("tensor", "tuple", "mha")
 #: "self"         -> queries, keys and values from the same [B, N, D] tokens; N tokens out;
 #: "cross"        -> keys/values from another sequence (an encoder's output, a second stream);
 #: "query-subset" -> fewer (or more) tokens out than in: class attention, pooled/downsampling queries;
-#: "windowed"     -> hidden states in a grid layout ([B, H, W, C]) attended window by window.
+#: "windowed"     -> 4-D hidden states: a grid ([B, H, W, C]) attended window by window, as in
+#:                   Swin, or a [B, C, H, W] feature map.
 SITE_KINDS = ("self", "cross", "query-subset", "windowed")
 
 #: Where ``AttentionSite.causal`` came from: "graph" (the mask / ``is_causal`` that reached the

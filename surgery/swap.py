@@ -244,7 +244,8 @@ def replaced_sites(model: nn.Module) -> Iterator[ReplacedAttention]:
 _KIND_TEXT = {
     "cross": "cross-attention: its keys and values come from another sequence",
     "query-subset": "query-subset attention (class or pooling queries): it returns another number of tokens than it reads",
-    "windowed": "windowed attention: its hidden states are a [B, H, W, C] grid attended window by window",
+    "windowed": ("windowed (grid) attention: its hidden states are 4-D (Swin's [B, H, W, C] windows, or a "
+                 "[B, C, H, W] feature map), not [B, N, D] tokens"),
 }
 
 
