@@ -1,6 +1,6 @@
 """Every distill setting is checked in ``distill()`` before the student is touched, data read or a
-file written; ``steps=0`` trains nothing; ``max_seconds`` counts training only; the teacher-derived
-initialisation reports progress."""
+file written; ``steps=0`` trains nothing; ``max_seconds`` counts training only; the work before the
+first step is announced through the progress protocol."""
 
 import dataclasses
 import json
@@ -136,3 +136,61 @@ def test_zero_steps_trains_nothing_and_saves_the_model_as_it_is(tmp_path):
     assert (tmp_path / "manifest.json").is_file() and (tmp_path / "fidelity.json").is_file()
     # the before and after reports are of the same, untrained model
     assert result.sites[0].relative_mse_after == pytest.approx(result.sites[0].relative_mse_before, rel=1e-5)
+
+
+class FakeClock:
+    """``time`` for the engine: monotonic() reads a number the test advances (no real waiting)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+
+class Recorder(NullProgress):
+    def __init__(self):
+        self.calls = []
+
+    def start(self, total, description, completed=0):
+        self.calls.append(("start", total, description))
+
+    def update(self, step, metrics):
+        self.calls.append(("update", step))
+
+    def message(self, text):
+        self.calls.append(("message", text))
+
+
+def test_max_seconds_counts_training_only_and_the_preparation_reports_progress(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(engine, "time", clock)
+    real_evaluate, real_initialise = engine._Trainer._evaluate, engine._Trainer._initialise
+
+    def slow(real, seconds):
+        def wrapped(self, *args):
+            clock.now += seconds  # a slow report / initialisation on a busy machine
+            return real(self, *args)
+        return wrapped
+
+    def slow_step(self, *args):
+        clock.now += 10.0
+        return real_step(self, *args)
+
+    real_step = engine._Trainer._train_step
+    monkeypatch.setattr(engine._Trainer, "_evaluate", slow(real_evaluate, 500.0))
+    monkeypatch.setattr(engine._Trainer, "_initialise", slow(real_initialise, 1000.0))
+    monkeypatch.setattr(engine._Trainer, "_train_step", slow_step)
+    progress = Recorder()
+    result = surgery.distill(None, replaced_vit(), vit_data(), steps=6, max_seconds=25, init="teacher",
+                             init_batches=2, progress=progress)
+    # 1,500 s of report + initialisation do not count; the third 10-second step passes 25 s
+    assert result.steps == 3 and result.stopped_early
+    assert result.seconds == pytest.approx(30.0)  # three steps (the final report is not counted)
+    assert result.setup_seconds == pytest.approx(1500.0)
+    # the preparation is announced in messages (before the training task starts); updates are steps only
+    start = progress.calls.index(("start", 6, "distill (blockwise)"))
+    before = [c for c in progress.calls[:start]]
+    assert before[0][0] == "message" and "untrained student" in before[0][1] and "2 teacher batches" in before[0][1]
+    assert any(c[0] == "message" and "initialised 2 sites" in c[1] and "not counted" in c[1] for c in before)
+    assert [c[1] for c in progress.calls if c[0] == "update"] == [1, 2, 3]

@@ -147,7 +147,10 @@ class DistillResult:
         run_dir: the run directory, if any.
         resumed_from: the step the run resumed from (0 = fresh).
         stopped_early: True when ``max_seconds`` ended the run before ``steps``.
-        seconds: wall time of this call's training loop.
+        seconds: wall time of this call's training loop (from the first step; what ``max_seconds``
+            limits), without the final evaluation.
+        setup_seconds: wall time before the first step: the data check, the report before training
+            and any teacher-derived initialisation.
         final_metrics: the last step's losses.
     """
 
@@ -161,6 +164,7 @@ class DistillResult:
     stopped_early: bool = False
     seconds: float = 0.0
     final_metrics: dict[str, float] = field(default_factory=dict)
+    setup_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,7 +183,8 @@ class _LoopState:
     before: FidelityReport | None = None
     resumed_from: int = 0
     last_saved: int = 0
-    started: float = 0.0    # time.monotonic() when the clock of max_seconds started
+    started: float = 0.0    # time.monotonic() at the first training step (max_seconds counts from here)
+    setup_seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
     cache_warned: bool = False
@@ -389,11 +394,12 @@ def distill(
         **settings: further ``DistillConfig`` fields: weight_decay, warmup (fraction of steps),
             min_lr, grad_clip, cosine_weight, site_weight, task_weight, temperature,
             train ("replacements" | "all"), seq_len, eval_batches, checkpoint_every, log_every,
-            max_seconds (stop early, after a checkpoint), labelled, init ("teacher": start multi-head
-            LSTMs from the originals' value projections and a least-squares fit, see
-            ``surgery.distill.init``), init_batches, fast (batched multi-head LSTM / GRU
-            recurrence, same results; see ``surgery.distill.fastpath``), cache (a directory, or "run"
-            for ``run_dir/teacher_cache``: what the teacher computed for each batch is stored on disk
+            max_seconds (stop early, after a checkpoint, once this much time has passed since the first
+            step: loading, the report before training and the initialisation are not counted),
+            labelled, init ("teacher": start the replacements from the originals' value projections
+            and a least-squares fit, see ``surgery.distill.init``), init_batches, fast (batched
+            multi-head LSTM / GRU recurrence, same results; see ``surgery.distill.fastpath``), cache
+            (a directory, or "run" for ``run_dir/teacher_cache``: what the teacher computed for each batch is stored on disk
             in safetensors shards of about cache_megabytes, so later epochs skip the teacher forward;
             block-wise stores each site's input and target, e2e each site's target and the teacher's
             output; same results; not with mixup/cutmix, whose batches never repeat).
@@ -610,13 +616,12 @@ class _Trainer:
         self.named, self.params = named, params
         self.optimizer, self.scheduler = self._optimizer(params)
         state, checkpoint = self._open_stage()
+        setup_began = time.monotonic()
         batches = _shards(self.data, self.world, state.epoch, state.consumed)
-        state.started = time.monotonic()
         first = self._first_batch(batches) if state.step < config.steps else None
         if state.before is None:
             # a fresh stage only: a resumed one restores the initialised (and trained) weights
-            state.before = self._evaluate()
-            self._initialise()
+            self._prepare(state)
         # the EMA copies the student after any initialisation and before the capture hooks exist
         self.ema = self._build_ema(checkpoint)
         self.mix = self._build_mix(state)
@@ -627,7 +632,10 @@ class _Trainer:
             self.progress.message(f"resumed at step {state.resumed_from} from {self.rundir.checkpoint_path}")
         if config.train_mode:
             self.student.train()  # drop-path / dropout act; _teacher_forward keeps the teacher in eval mode
+        state.setup_seconds = time.monotonic() - setup_began
         with self.capture, _SignalGuard() as guard:
+            # max_seconds counts training alone: loading, the first report and any initialisation are done
+            state.started = time.monotonic()
             while state.step < config.steps:
                 if first is not None:
                     (epoch, consumed, batch), first = first, None
@@ -708,18 +716,28 @@ class _Trainer:
         self._check_data(batch)
         return epoch, consumed, batch
 
+    def _prepare(self, state: _LoopState) -> None:
+        """A fresh stage's work before its first step (not counted in ``max_seconds``), each part
+        announced as a progress message: the report on the untrained student, then (``init="teacher"``)
+        the teacher-derived initialisation."""
+        config = self.config
+        self.progress.message(f"before training: fidelity of the untrained student on {config.eval_batches} "
+                              "batches" + (f", then initialisation from {config.init_batches} teacher batches"
+                                           if config.init == "teacher" else ""))
+        state.before = self._evaluate()
+        if config.init == "teacher":
+            self._initialise()
+
     def _initialise(self) -> None:
         """``init="teacher"``: start the mixers from the originals (a fresh stage only)."""
         config, run = self.config, self.rundir
-        if config.init == "none":
-            return
         from surgery.distill.init import initialise_from_teacher
 
         began = time.monotonic()
         chosen = initialise_from_teacher(self.student, self.init_source(),
                                          batches=config.init_batches, labelled=config.labelled)
         self.progress.message(f"initialised {len(chosen)} sites from the teacher's value projections "
-                              f"in {time.monotonic() - began:.0f} s")
+                              f"in {time.monotonic() - began:.0f} s (not counted in max_seconds)")
         if run is not None:
             run.append_metrics({"stage": self.stage, "mode": config.mode, "step": 0, "init": chosen})
 
@@ -883,7 +901,8 @@ class _Trainer:
                    for b, a in zip(before.sites, after.sites)],
             fidelity=after, fidelity_before=before, steps=state.step, mode=config.mode,
             run_dir=str(run.path) if run else None, resumed_from=state.resumed_from,
-            stopped_early=state.stopped_early, seconds=seconds, final_metrics=state.metrics)
+            stopped_early=state.stopped_early, seconds=seconds, final_metrics=state.metrics,
+            setup_seconds=round(state.setup_seconds, 3))
         if run is not None and world.main:
             from surgery.checkpoint import save as save_model
 
