@@ -76,13 +76,13 @@ class AttentionSite:
     causal_source: str = "attribute"
     note: str = ""
 
-    COLUMNS = ("name", "type", "dim", "heads", "head dim", "causal", "causal from", "convention",
-               "out proj", "kind", "found by")
+    COLUMNS = ("name", "type", "dim", "heads", "head dim", "causal", "convention", "out proj",
+               "kind", "found by")
 
     def row(self) -> list[str]:
         """The site as strings, in the order of ``AttentionSite.COLUMNS``."""
         return [self.name, self.module_type, str(self.embed_dim), str(self.num_heads),
-                str(self.head_dim), "yes" if self.causal else "no", self.causal_source, self.convention,
+                str(self.head_dim), "yes" if self.causal else "no", self.convention,
                 self.out_proj or "(outside)", self.kind, self.found_by]
 
     def to_dict(self) -> dict[str, Any]:

@@ -186,6 +186,9 @@ def inspect_command(
         return
     print_table(f"{len(found)} attention sites in {model}", list(AttentionSite.COLUMNS),
                 [s.row() for s in found])
+    for site in found:  # e.g. the causal probe disagreeing with the mask at the core
+        if site.note and site.kind == "self":
+            console.print(f"note: {site.name}: {site.note}")
     _print_skipped(skipped)
 
 
