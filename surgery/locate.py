@@ -52,6 +52,7 @@ class _Candidate:
     causal_hint: bool = False
     out_proj: str | None = None
     context_width: int | None = None  # heads * head_dim, from the value product's shape
+    graph_cross: bool = False  # keys read an input of the site that queries do not
     notes: list[str] = field(default_factory=list)
 
 
@@ -93,6 +94,11 @@ def _is_activation(node: Any, params: set[str]) -> bool:
 
 
 def _fed_by_activation_matmul(node: torch.fx.Node, params: set[str], depth: int = 6) -> bool:
+    return _score_product(node, params, depth) is not None
+
+
+def _score_product(node: torch.fx.Node, params: set[str], depth: int = 6) -> torch.fx.Node | None:
+    """The activation-by-activation matmul upstream of a softmax: ``q @ k.T``."""
     frontier = [a for a in node.all_input_nodes]
     for _ in range(depth):
         nxt = []
@@ -100,10 +106,49 @@ def _fed_by_activation_matmul(node: torch.fx.Node, params: set[str], depth: int 
             if _op_name(n) in MATMUL_NAMES:
                 operands = [a for a in n.args if isinstance(a, torch.fx.Node)]
                 if len(operands) >= 2 and all(_is_activation(a, params) for a in operands[-2:]):
-                    return True
+                    return n
             nxt.extend(n.all_input_nodes)
         frontier = nxt
-    return False
+    return None
+
+
+def _inside(node: torch.fx.Node, site: str) -> bool:
+    if node.op == "call_module" and (str(node.target) == site or str(node.target).startswith(site + ".")):
+        return True
+    return site in _owners(node)
+
+
+def _entries(node: torch.fx.Node, site: str, params: set[str]) -> set[str]:
+    """The activations from outside ``site`` that ``node`` (inside it) is computed from."""
+    found, seen, frontier = set(), set(), [node]
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if not _is_activation(n, params):
+            continue
+        if not _inside(n, site) and n is not node:
+            shape = _shape(n)
+            if shape is None or len(shape) >= 2:  # tensors only: sizes read off another tensor do not count
+                found.add(n.name)
+            continue
+        frontier.extend(n.all_input_nodes)
+    return found
+
+
+def _reads_another_input(core: torch.fx.Node, site: str, params: set[str]) -> bool:
+    """True when the core's keys come from an input of the site that its queries do not read:
+    cross-attention, told from the graph whatever the weights are."""
+    if "scaled_dot_product" in _op_name(core):
+        operands = [a for a in core.args[:2] if isinstance(a, torch.fx.Node)]
+    else:
+        product = _score_product(core, params)
+        operands = [a for a in product.args if isinstance(a, torch.fx.Node)][-2:] if product is not None else []
+    if len(operands) != 2:
+        return False
+    queries, keys = (_entries(o, site, params) for o in operands)
+    return bool(queries) and bool(keys - queries)
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -231,6 +276,8 @@ def _graph_candidates(model: nn.Module, args, kwargs, method: str) -> tuple[list
             candidate.heads = candidate.heads or heads
             candidate.head_dim = candidate.head_dim or head_dim
             candidate.causal_hint |= causal
+            if not isinstance(modules[site], nn.MultiheadAttention) and node.op != "call_module":
+                candidate.graph_cross |= _reads_another_input(node, site, params)
             if candidate.out_proj is None and not isinstance(modules[site], nn.MultiheadAttention):
                 product = node if "scaled_dot_product" in _op_name(node) else _value_product(node, params)
                 candidate.out_proj = _downstream_linear(product or node, site, modules)
@@ -534,8 +581,8 @@ class _Unsupported(Exception):
     """A module that owns attention but cannot be described as a site (becomes a SkippedSite)."""
 
 
-def _kind(module: nn.Module, call: _Call, hidden: torch.Tensor, first: torch.Tensor, seq_dim: int,
-          is_mha: bool) -> tuple[str, str]:
+def _kind(module: nn.Module, candidate: _Candidate, call: _Call, hidden: torch.Tensor,
+          first: torch.Tensor, seq_dim: int, is_mha: bool) -> tuple[str, str]:
     """The site kind (see ``SITE_KINDS``) and a note saying what showed it."""
     if hidden.dim() == 4:
         return "windowed", f"hidden states of shape {list(hidden.shape)}"
@@ -547,6 +594,8 @@ def _kind(module: nn.Module, call: _Call, hidden: torch.Tensor, first: torch.Ten
         given = [k for k in CROSS_ATTENTION_KWARGS if call.kwargs.get(k) is not None]
         if given:
             return "cross", f"called with {given[0]}"
+        if candidate.graph_cross:
+            return "cross", "in the graph its keys come from an input its queries do not read"
         stream = _second_stream(module, call, hidden)
         if stream is not None:
             return "cross", f"its output depends on {stream}, a second token stream"
@@ -602,7 +651,7 @@ def _describe(model: nn.Module, candidate: _Candidate, call: _Call | None) -> At
             "a tensor or a tuple whose first item is the hidden states"
         )
     first = _first_tensor(output)
-    kind, kind_note = _kind(module, call, hidden, first, seq_dim, is_mha)
+    kind, kind_note = _kind(module, candidate, call, hidden, first, seq_dim, is_mha)
     out_proj = "out_proj" if is_mha else candidate.out_proj
     if out_proj is None and candidate.found_by in ("type", "targets"):
         out_proj = next((n for n in OUT_PROJ_NAMES if _is_linear_like(_child(module, n))), None)

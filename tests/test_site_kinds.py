@@ -311,3 +311,17 @@ def test_cli_replace_with_inputs_from_a_file(tmp_path, monkeypatch):
     (tmp_path / "bad.pt").write_text("not tensors")
     bad = _invoke("replace", *spec, "--inputs", str(tmp_path / "bad.pt"))
     assert bad.exit_code == 2 and "cannot read example inputs" in bad.stderr
+
+
+def test_cross_attention_is_told_from_the_graph_even_when_weights_hide_it():
+    """Zeroed key/value projections make the output ignore the second stream, so perturbing it
+    moves nothing; the graph still shows the keys read another input than the queries."""
+    torch.manual_seed(0)
+    model, inputs = TwoStreamModel().eval(), (torch.randn(2, 6, 32), torch.randn(2, 5, 32))
+    with torch.no_grad():
+        for layer in (model.cross.k, model.cross.v):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    sites = {s.name: s for s in surgery.find_attention(model, inputs)}
+    assert sites["cross"].kind == "cross" and "graph" in sites["cross"].note
+    assert sites["image.mixer"].kind == sites["text.mixer"].kind == "self"
