@@ -160,8 +160,8 @@ def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_d
             return model
         began = time.perf_counter()
         # without train_mode surgery.distill trains in eval mode; cuDNN refuses an RNN backward in eval
-        # mode, and after pruning the engine's batched path is off (see _engine_workarounds): use the
-        # native kernels (with train_mode cuDNN would do, but the native kernels are kept alike)
+        # mode, and heads pruned to different sizes train in their per-head form: use the native
+        # kernels (with train_mode cuDNN would do, but the native kernels are kept alike)
         cudnn_off = name == "recovery" and next(model.parameters()).is_cuda
         with torch.backends.cudnn.flags(enabled=not cudnn_off):
             result = _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight, settings)
@@ -174,7 +174,7 @@ def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_d
             None, model, train_data, mode=mode, steps=steps, lr=lr, run_dir=path, resume=True,
             eval_data=eval_data, seed=plan.seed, progress=progress, warmup=warmup, train=train,
             site_weight=site_weight, task_weight=plan.task_weight, weight_decay=plan.weight_decay,
-            eval_batches=plan.eval_batches, labelled=True, **settings, **_engine_workarounds(name))
+            eval_batches=plan.eval_batches, labelled=True, **settings)
 
     teacher = build_teacher().to(device)
     record("teacher", teacher, 0.0, 0)
@@ -207,20 +207,6 @@ def _check_same_settings(path: Path, wanted: dict[str, Any]) -> None:
         key = changed[0]
         raise SurgeryError(f"{path} was run with other settings ({key}={stored[key]!r}, now {wanted[key]!r}); "
                            "give a new --out, or delete that stage directory to redo it")
-
-
-def _engine_workarounds(stage: str) -> dict[str, Any]:
-    """Settings that route around known engine problems.
-
-    After pruning, heads keep different state sizes and ``surgery.distill``'s batched LSTM path
-    (``fast=True``) falls back to the mixer's forward, which it has itself patched: a RecursionError.
-    The recovery stage therefore trains with the per-head modules (same results, slower).
-    """
-    from surgery.distill import DistillConfig
-
-    if stage == "recovery" and "fast" in {f.name for f in dataclasses.fields(DistillConfig)}:
-        return {"fast": False}
-    return {}
 
 
 def _mean(values: list[float]) -> float | None:

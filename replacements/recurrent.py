@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .native import load_kernel
 from .recurrent_init import init_from_teacher
 from .recurrence import (
     FastMultiHeadRecurrent,
@@ -149,8 +150,9 @@ class MultiHeadRecurrent(nn.Module):
     def inference_form(self, x: torch.Tensor | None = None, use_kernel: bool | None = None) -> nn.Module | None:
         """The inference form of this mixer (``FastMultiHeadRecurrent``), packed once and kept until a
         weight changes (an optimiser step, pruning, ``load_state_dict``: each changes a tensor's
-        version or storage). None where it does not apply (not CPU float32: on GPUs cuDNN's fused
-        recurrence is the fast one). Not a submodule: nothing of it is saved.
+        version or storage). None where it does not apply: not CPU float32 (on GPUs cuDNN's fused
+        recurrence is the fast one), or no native kernel (the reference form is then faster). Not a
+        submodule: nothing of it is saved.
 
         Args:
             x: an input about to be served (its device and dtype decide); None = the weights'.
@@ -163,6 +165,10 @@ class MultiHeadRecurrent(nn.Module):
         if use_kernel is not None:
             object.__setattr__(self, "_use_kernel", use_kernel)
         choice = self.__dict__.get("_use_kernel")
+        if choice is None and load_kernel() is None:
+            # without the native kernel the per-head nn.LSTM is the faster form (the PyTorch loop is
+            # the kernel's reference, ~3x slower at batch 1); use_kernel=False still asks for the loop
+            return None
         key = (choice, tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in self.parameters()))
         cached = self.__dict__.get("_inference_cache")
         if cached is None or cached[0] != key:

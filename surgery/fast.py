@@ -18,12 +18,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.registry import get_replacement
+from surgery.registry import get_replacement, reference_forms
 from surgery.replacements.conv import FastTokenConvolution
 from surgery.replacements.native import kernel_status
 from surgery.replacements.recurrence import FastMultiHeadRecurrent, _recurrence_torch  # noqa: F401
 
-__all__ = ["FastMultiHeadRecurrent", "FastTokenConvolution", "kernel_status", "optimize"]
+__all__ = ["FastMultiHeadRecurrent", "FastTokenConvolution", "ReferenceForms", "kernel_status", "optimize"]
+
+
+class ReferenceForms(nn.Module):
+    """``model`` run inside ``surgery.registry.reference_forms()``: every replacement in its reference
+    form (``mhlstm``/``gru``: each head's own ``nn.LSTM``/``nn.GRU``), e.g. to time what the
+    inference form saves (``surgery bench --no-fast``). Same outputs as ``model``.
+
+    Example:
+        >>> wrapped = ReferenceForms(nn.Linear(2, 2))
+        >>> wrapped(torch.ones(1, 2)).shape
+        torch.Size([1, 2])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with reference_forms():
+            return self.model(*args, **kwargs)
 
 
 def _pad_hidden_linears(model: nn.Module, multiple: int = 8) -> int:

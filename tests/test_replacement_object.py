@@ -22,7 +22,7 @@ from torch import nn
 import surgery
 from models import build, main_tensor, run
 from surgery import registry
-from surgery.fast import optimize
+from surgery.fast import kernel_status, optimize
 from surgery.registry import MixerShape, get_replacement, reference_forms, replacement_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,8 +99,15 @@ def test_which_form_runs():
     with torch.inference_mode():
         mixer(x)
     fast = mixer.inference_form(x)
-    assert type(fast).__name__ == "FastMultiHeadRecurrent"
-    assert mixer.inference_form(x) is fast  # packed once, reused
+    if kernel_status()["available"]:
+        assert type(fast).__name__ == "FastMultiHeadRecurrent"
+        assert mixer.inference_form(x) is fast  # packed once, reused
+    else:  # without the native kernel the per-head reference form is the faster one
+        assert fast is None
+    loop = mixer.inference_form(x, use_kernel=False)  # the PyTorch loop, asked for
+    assert type(loop).__name__ == "FastMultiHeadRecurrent" and loop.use_kernel is False
+    with torch.inference_mode():
+        torch.testing.assert_close(mixer(x), _reference(mixer, x, None), **TOL)
     assert "_inference_cache" not in json.dumps(list(mixer.state_dict()))  # nothing of it is saved
     with torch.enable_grad():  # eval mode WITH gradients (e.g. Taylor importance) trains-style
         y = mixer(x.requires_grad_())

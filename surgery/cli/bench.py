@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -30,7 +29,8 @@ def bench_command(
     threads: Annotated[Optional[int], typer.Option(
         help="torch intra-op threads while timing (default: torch's current setting).")] = None,
     fast: Annotated[bool, typer.Option(
-        "--fast/--no-fast", help="Time mhlstm/gru in their fast inference form (surgery.fast).")] = True,
+        "--fast/--no-fast", help="Time the replacements' inference form (what eval mode runs) or, with --no-fast, "
+        "their reference form (mhlstm/gru: one nn.LSTM/GRU per head).")] = True,
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs (fvcore, 1 flop = 1 MAC).")] = True,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak activation memory.")] = True,
     allow_code: AllowCodeOption = False,
@@ -65,10 +65,10 @@ def bench_command(
     original = load_model(reference_spec, random_init=True)
     finalize(candidate)
     counted = candidate
-    if fast:
-        from surgery.fast import optimize
+    if not fast:  # the inference form is the default in eval mode; --no-fast times the reference form
+        from surgery.fast import ReferenceForms
 
-        candidate = optimize(copy.deepcopy(candidate))
+        candidate = ReferenceForms(candidate)
     from surgery.inputs import default_example_inputs
 
     rows: list[dict[str, Any]] = []
