@@ -220,9 +220,13 @@ def _acquire(path: Path, directory: Path) -> int:
             raise storage_error(error, path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             raise _locked_error(directory, _read_holder(path)) from None
+        except OSError as error:  # e.g. ENOLCK: a network file system without flock
+            os.close(fd)
+            raise StorageError(f"cannot lock {path}: {error.strerror or error}; the file system does not support "
+                               "file locks (flock): write the run to a local disk") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

@@ -263,6 +263,28 @@ def test_a_second_writer_gets_one_line_and_a_dead_holders_lock_is_taken_over(tmp
     assert not (run / checkpoint.LOCK).exists()
 
 
+def test_without_flock_a_dead_pid_is_a_stale_lock_and_a_live_one_holds(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on a platform without flock
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / checkpoint.LOCK
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with checkpoint.lock_directory(tmp_path):  # taken over
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        lock.write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
+        with pytest.raises(SurgeryError, match=f"pid {alive.pid}"):
+            with checkpoint.lock_directory(tmp_path):
+                pass
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 # ------------------------------------------------------------------ 5. fast inference forms
 def test_a_model_after_fast_optimize_is_refused_before_writing_or_loads(tmp_path):
     from surgery.fast import optimize
