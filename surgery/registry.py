@@ -82,7 +82,8 @@ class TeacherEvidence:
     """What the original attention of one site computed, for ``init_from_teacher`` hooks.
 
     Args:
-        value_weight, value_bias: the original's value projection ([C, D], [C] or None).
+        value_weight: the original's value projection weight [C, D].
+        value_bias: its bias [C], or None.
         records: captured (hidden [B, N, D], valid mask [B, N] or None, context target [B, N, C]).
         ridge: ridge term of least-squares fits, relative to the feature energy.
         settings: replacement-specific settings (e.g. ``decays`` and ``scale`` of recurrences).
@@ -116,7 +117,10 @@ class Replacement:
     which the core reaches it. The core asks the record, never the module's attributes.
 
     Args:
-        name, module_class, config_class, description: what ``surgery list`` shows and ``build`` uses.
+        name: the registered name.
+        module_class: the module, built as ``module_class(shape, config)``.
+        config_class: the config dataclass.
+        description: the line ``surgery list`` shows.
         pruner: a ``surgery.units.ReplacementPruner`` subclass (or instance); None = unprunable.
         serves: the site kinds it can take the place of (``surgery.sites.SITE_KINDS``).
         training_form: a ``BatchedTraining`` (several mixers in one call), or None.
