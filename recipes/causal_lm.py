@@ -160,8 +160,8 @@ class CausalLmConfig:
             raise SurgeryError(f"init must be teacher or none, not {self.init!r}")
         if self.e2e_train not in ("replacements", "all"):
             raise SurgeryError(f"e2e_train must be replacements or all, not {self.e2e_train!r}")
-        if self.blockwise_steps < 0 or self.e2e_steps < 0:
-            raise SurgeryError("blockwise_steps and e2e_steps must be >= 0")
+        if self.blockwise_steps < 0 or self.e2e_steps < 0 or self.blockwise_steps + self.e2e_steps < 1:
+            raise SurgeryError("blockwise_steps and e2e_steps must be >= 0, not both 0")
         if self.batch_size < 1 or self.seq_len < 8 or self.eval_pieces < 1 or self.rank_pieces < 1:
             raise SurgeryError("batch_size, eval_pieces and rank_pieces must be >= 1, seq_len >= 8")
         if self.prompt_tokens < 1 or self.continuation_tokens < 1 or self.continuation_prompts < 0 \
@@ -627,7 +627,7 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
                             {"init": config.init, "init_batches": config.init_batches,
                              "cache": "run" if config.teacher_cache else None})
         if fit_all:
-            ranking = rank_layers(student, rank_batches, log) if ranked or config.curve else None
+            ranking = rank_layers(student, rank_batches, log)
             order = [r["site"] for r in ranking]
             if config.curve:
                 curve = replacement_curve(student, order, rank_batches, log=log)
@@ -676,8 +676,8 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
              if continuation else "continuation: skipped",
              f"replaced layers: {', '.join(str(layer_number(n, i)) for i, n in enumerate(replaced))}"
              f"{f' (kept as attention: {len(kept)} by --keep-attention)' if kept else ''}",
-             f"seconds: distillation wall time of this run ({time.perf_counter() - began:.0f} s in all, with "
-             "loading and measuring)"]
+             f"seconds: wall time of distillation (with the ranking and curve when measured) in this run "
+             f"({time.perf_counter() - began:.0f} s in all, with loading and measuring)"]
     if ranking:
         notes.append("ranking (each layer alone replaced after the block-wise fit; held-out KL, cheapest first): "
                      + ", ".join(f"{r['layer']}: {r['mean_kl']:.4f}" for r in ranking))

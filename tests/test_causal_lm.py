@@ -123,6 +123,12 @@ def test_positional_choice_and_keep_patterns(tiny_dirs, tmp_path):
     report = run_causal_lm(config, tmp_path / "run", log=lambda line: None)
     assert report["replaced_sites"] == ["transformer.h.2.attn"] and report["ranking"] is None
     assert positional_choice(list(range(30)), 4, "spread") == [0, 10, 19, 29]
+    # end to end only (no block-wise phase), the first layers by position
+    config = CausalLmConfig(model=f"hf:{tiny_dirs['llama']}", replace=2, layer_choice="first",
+                            **{**FAST, "blockwise_steps": 0})
+    report = run_causal_lm(config, tmp_path / "e2e-only", log=lambda line: None)
+    assert report["replaced_sites"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert not (tmp_path / "e2e-only" / "blockwise").exists() and (tmp_path / "e2e-only" / "e2e").is_dir()
     assert positional_choice(list(range(5)), 2, "first") == [0, 1]
 
 
@@ -172,6 +178,8 @@ def test_layer_selection_errors():
         select_layers(sites, None, "0-3", "rank")
     with pytest.raises(SurgeryError, match="at least 1"):
         CausalLmConfig(replace=0).check()
+    with pytest.raises(SurgeryError, match="not both 0"):
+        CausalLmConfig(blockwise_steps=0, e2e_steps=0).check()
 
 
 def test_cli_bad_input_is_one_line_exit_2(tiny_dirs, tmp_path):
