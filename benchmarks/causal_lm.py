@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     import transformers
 
-    from recipes import get_recipe
+    from surgery.recipes import get_recipe
 
     settings = dict(item.split("=", 1) for item in args.settings)
     recipe = get_recipe("causal-lm")

@@ -57,7 +57,7 @@ def build(name: str) -> tuple[nn.Module, Any]:
 
         return model, text
     if name == "mnist_vit":
-        from recipes.mnist import build_vit
+        from surgery.recipes.mnist import build_vit
 
         return build_vit().eval(), lambda batch: (torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)),)
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -71,6 +71,10 @@ def variants(original: nn.Module, inputs: Any, replacements: list[str], fast: bo
         surgery.finalize(model)
         out[replacement] = model.eval()
         if fast and replacement in ("mhlstm", "gru"):
+            from surgery.fast import ReferenceForms
+
+            # eval mode runs the inference form by itself: the plain label is the per-head form
+            out[replacement] = ReferenceForms(model)
             from surgery.fast import optimize
 
             out[f"{replacement} (fast)"] = optimize(copy.deepcopy(model)).eval()
@@ -145,7 +149,7 @@ def main() -> None:
     torch.manual_seed(0)
     figures = recipe_figures(args.mnist_report, args.minilm_report)
     rows = run(args.models, args.replacements, args.repeats, args.threads, not args.no_fast, figures)
-    from recipes.report import markdown_table
+    from surgery.recipes.report import markdown_table
 
     used = [c for c in COLUMNS if any(c in row for row in rows)]
     print(markdown_table(used, rows))

@@ -28,7 +28,7 @@ import timm
 import torch
 
 import surgery
-from surgery.fast import kernel_status, optimize
+from surgery.fast import ReferenceForms, kernel_status, optimize
 from surgery.measure import count_flops, measure_latencies
 
 MODELS = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224"}
@@ -45,7 +45,8 @@ def variants(name: str, size: int, prune_ratio: float, naive: bool) -> dict[str,
         surgery.replace_attention(replaced, replacement, x)
         surgery.finalize(replaced)
         if naive or replacement == "conv":
-            out[f"{replacement} (training form)"] = (replaced, replaced)
+            # eval mode runs the inference form by itself: the per-head form must be asked for
+            out[f"{replacement} (training form)"] = (ReferenceForms(replaced), replaced)
         out[f"{replacement} (fast)"] = (optimize(copy.deepcopy(replaced)), replaced)
     if prune_ratio:
         pruned = copy.deepcopy(original)

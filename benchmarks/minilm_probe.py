@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import surgery
-from recipes.minilm import held_out_sentences, retrieval_agreement, sentence_embeddings
+from surgery.recipes.minilm import held_out_sentences, retrieval_agreement, sentence_embeddings
 from surgery.data import builtin_text, data_from_spec, heldout_english, sentences, tokenizer_for
 from surgery.models import load_model
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import surgery
-from recipes.mnist import accuracy, build_vit, load_digits
+from surgery.recipes.mnist import accuracy, build_vit, load_digits
 
 
 def sweep(student: str, ratios: list[float], *, global_: bool = True, scope: str = "all") -> list[dict]:

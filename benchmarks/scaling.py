@@ -147,7 +147,7 @@ def main() -> None:
     if args.text_lengths:
         rows += sweep("text", args.text_lengths, args.replacements, args.repeats, args.threads)
     found = crossovers(rows)
-    from recipes.report import markdown_table
+    from surgery.recipes.report import markdown_table
 
     print(markdown_table(["kind", "size", "tokens", "variant", "latency_ms", "ratio", "gflops"], rows))
     print()

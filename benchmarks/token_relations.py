@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--png")
     args = parser.parse_args()
-    from recipes.mnist import build_vit, load_digits
+    from surgery.recipes.mnist import build_vit, load_digits
 
     torch.manual_seed(0)
     teacher = surgery.load(args.teacher, model=build_vit()).eval()
@@ -221,7 +221,7 @@ def main() -> None:
             results[name] = measure(teacher, model, images, args.map_images)
             for row in results[name]["sites"]:
                 print(json.dumps({"student": name, **row}), file=sys.stderr, flush=True)
-    from recipes.report import markdown_table
+    from surgery.recipes.report import markdown_table
 
     rows = [{"student": name, **row} for name, result in results.items() for row in result["sites"]]
     print(markdown_table(["student", "site", "cka", "influence_correlation"], rows))
