@@ -295,3 +295,18 @@ def test_the_documented_example_plugs_into_everything(my_mixers, tmp_path):
     # export: ONNX through the exporter, checked against PyTorch
     exported = export(again, images[:1], tmp_path / "window.onnx", exporter="torchscript")
     assert exported.max_abs_error <= 1e-4 and (tmp_path / "window.onnx").is_file()
+
+
+def test_a_pruned_run_saved_by_an_earlier_version_loads_fast_and_equal():
+    """tests/data/run_e77ba96_mhlstm_pruned: timm_vit + mhlstm, pruned at 0.4 (heads of different
+    sizes), finalized and saved by commit e77ba96 (before a replacement was one object)."""
+    from safetensors.torch import load_file
+
+    run_dir = ROOT / "tests" / "data" / "run_e77ba96_mhlstm_pruned"
+    expected = load_file(str(run_dir / "expected.safetensors"))
+    again = surgery.load(run_dir, model=build("timm_vit")[0])
+    assert not again.training
+    sizes = {h.rnn.hidden_size for w in surgery.swap.replaced_sites(again) for h in w.mixer.heads}
+    assert len(sizes) > 1  # pruned heads of different sizes came back
+    with torch.inference_mode():
+        torch.testing.assert_close(again(expected["inputs"]), expected["outputs"], **TOL)
