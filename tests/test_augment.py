@@ -211,13 +211,14 @@ def test_ema_is_the_average_of_the_trained_weights_and_is_what_gets_saved(tmp_pa
     assert checkpoint["ema"].keys() >= trained.keys()
     for name, value in trained.items():
         torch.testing.assert_close(value, progress.raw[-1][name], rtol=0, atol=0)  # the checkpoint keeps raw
-        torch.testing.assert_close(checkpoint["ema"][name], expected[name], rtol=0, atol=1e-6)
+        # timm updates with lerp, the expectation with 0.7 * a + 0.3 * b: a few ulp apart, not bit for bit
+        torch.testing.assert_close(checkpoint["ema"][name], expected[name], rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(checkpoint["ema"][n], trained[n], atol=1e-5) for n in trained)
     saved = surgery.load(tmp_path, model=vt.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
                                                                num_heads=2, mlp_ratio=2, num_classes=10))
     for name, value in saved.state_dict().items():
-        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
-        torch.testing.assert_close(model.state_dict()[name], expected[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(model.state_dict()[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------------------- resume
