@@ -119,64 +119,79 @@ def test_allow_code_is_what_lets_transformers_run_code(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ 2. a save is one atomic step
 CHILD_SAVE = """
-import os, sys, json, torch
+import json, os, sys, torch
 sys.path[:0] = [{root!r}]
 import surgery
-kill, index = sys.argv[1], int(sys.argv[2])
+
 torch.manual_seed(1)
 layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
 model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
 surgery.replace_attention(model, "conv", torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3)))
-real_replace, calls = os.replace, []
 
-def replace(src, dst, *args, **kwargs):
-    calls.append(os.path.basename(dst))
-    if kill == "before" and len(calls) == index:
-        os._exit(17)
-    real_replace(src, dst, *args, **kwargs)
-    if kill == "after" and len(calls) == index:
-        os._exit(17)
 
-os.replace = replace
-surgery.save(model, sys.argv[3])
-print(json.dumps(calls))
+def save(directory, kill="none", index=0):
+    # one forked process per save (imports once): it dies with os._exit(17) right before or right
+    # after its index-th os.replace, the way a power cut or SIGKILL would stop it there
+    pid = os.fork()
+    if pid == 0:
+        real_replace, calls = os.replace, []
+
+        def replace(src, dst, *args, **kwargs):
+            calls.append(os.path.basename(dst))
+            if kill == "before" and len(calls) == index:
+                os._exit(17)
+            real_replace(src, dst, *args, **kwargs)
+            if kill == "after" and len(calls) == index:
+                os._exit(17)
+
+        os.replace = replace
+        surgery.save(model, directory)
+        with open(os.path.join(directory, os.pardir, "renames.json"), "w") as handle:
+            json.dump(calls, handle)
+        os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+root = sys.argv[1]
+assert save(os.path.join(root, "probe")) == 0
+renames = json.load(open(os.path.join(root, "renames.json")))
+codes = {{}}
+for kill in ("before", "after"):
+    for index in range(1, len(renames) + 1):
+        codes[f"{{kill}}{{index}}"] = save(os.path.join(root, f"{{kill}}{{index}}"), kill, index)
+print(json.dumps({{"renames": renames, "codes": codes}}))
 """
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the child forks one process per kill point")
 def test_a_save_killed_at_any_rename_leaves_a_directory_that_loads(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD_SAVE.format(root=str(ROOT)))
     old, new = replaced(seed=0), replaced(seed=1)
     with torch.no_grad():
         old_out, new_out = old(X), new(X)
     assert not torch.allclose(old_out, new_out)
-
-    def save_in_child(kill: str, index: int, directory: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), kill, str(index), str(directory)], env=child_env(),
-                              capture_output=True, text=True, timeout=300)
-
-    probe = tmp_path / "probe"
-    checkpoint.save(old, probe)
-    done = save_in_child("none", 0, probe)
-    assert done.returncode == 0, done.stderr
-    renames = json.loads(done.stdout.strip().splitlines()[-1])
+    # the old model everywhere: the child saves the new one over it and is killed part-way
+    points = [f"{kill}{index}" for kill in ("before", "after") for index in range(1, 9)]
+    for name in ("probe", *points):
+        checkpoint.save(old, tmp_path / name)
+    child = subprocess.run([sys.executable, "-c", CHILD_SAVE.format(root=str(ROOT)), str(tmp_path)],
+                           env=child_env(), capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    renames, codes = result["renames"], result["codes"]
+    assert len(renames) <= 8 and "manifest.json" in renames
     commit = renames.index("manifest.json") + 1  # the first manifest rename is the commit point
-    killed = []
-    for kill in ("before", "after"):
-        for index in range(1, len(renames) + 1):
-            directory = tmp_path / f"{kill}{index}"
-            checkpoint.save(old, directory)
-            died = save_in_child(kill, index, directory)
-            assert died.returncode == 17, died.stderr  # killed exactly there, by construction
-            committed = index > commit or (index == commit and kill == "after")
-            loaded = surgery.load(directory, model=encoder())  # loads in any case
-            with torch.no_grad():
-                torch.testing.assert_close(loaded(X), new_out if committed else old_out, rtol=0, atol=0)
-            killed.append(directory)
-    for directory in killed:
+    assert codes and all(code == 17 for code in codes.values()), codes  # killed exactly there
+    for name in codes:
+        kill, index = name[:-1], int(name[-1])
+        committed = index > commit or (index == commit and kill == "after")
+        loaded = surgery.load(tmp_path / name, model=encoder())  # loads in any case
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(X), new_out if committed else old_out, rtol=0, atol=0,
+                                       msg=f"killed {kill} rename {index} ({renames[index - 1]})")
+    for name in codes:
         # the dead writer's lock is stale: the next save takes it over, and cleans up after it
-        checkpoint.save(old, directory)
-        assert sorted(p.name for p in directory.iterdir()) == ["manifest.json", "model.safetensors"]
+        checkpoint.save(old, tmp_path / name)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["manifest.json", "model.safetensors"]
 
 
 def test_old_run_directories_still_load(tmp_path):
