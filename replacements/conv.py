@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fitting import least_squares, masked_rows
+from surgery.errors import SurgeryError
 from surgery.registry import MixerShape, ReplacementConfig, TeacherEvidence, register_replacement, using_reference_forms
 from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
 
@@ -111,8 +112,48 @@ def inference_form(mixer: "TokenConvolution", *, use_kernel: bool | None = None)
     return FastTokenConvolution(mixer)
 
 
+class ConvDecoding:
+    """Decoding form of ``conv`` at causal sites: the state is, per depthwise convolution, its last
+    ``kernel_size - 1`` inputs ``[B, width, kernel_size - 1]`` (pads already zeroed, as the sequence
+    form zeroes them). Prefill and step are one computation: the window is the state followed by
+    the new tokens, which is what the causal zero padding of the sequence form is for a fresh state.
+    """
+
+    def init_state(self, mixer: "TokenConvolution", batch: int) -> tuple[torch.Tensor, ...]:
+        self._check(mixer)
+        reference = mixer.pre_proj.weight
+        return tuple(reference.new_zeros(batch, conv.in_channels, mixer.config.kernel_size - 1)
+                     for conv in mixer.convs)
+
+    def _check(self, mixer: "TokenConvolution") -> None:
+        if not mixer.shape.causal:
+            raise SurgeryError("a centred (non-causal) conv mixer has no decoding form (it reads later tokens); "
+                               "only causal sites decode token by token")
+
+    def prefill(self, mixer: "TokenConvolution", x: torch.Tensor, mask: torch.Tensor | None = None,
+                state: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        self._check(mixer)
+        if state is None:
+            state = self.init_state(mixer, x.shape[0])
+        y = mixer.pre_proj(x).transpose(1, 2)
+        keep = None if mask is None else mask.unsqueeze(1).to(y.dtype)
+        kept = []
+        for conv, past in zip(mixer.convs, state):
+            if keep is not None:
+                y = y * keep
+            window = torch.cat([past.to(y.dtype), y], dim=-1)
+            kept.append(window[..., window.shape[-1] - past.shape[-1]:])
+            y = F.gelu(F.conv1d(window, conv.weight, conv.bias, groups=conv.groups)) + y
+        return mixer.out(y.transpose(1, 2)), tuple(kept)
+
+    def step(self, mixer: "TokenConvolution", x_t: torch.Tensor,
+             state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One token ``x_t`` [B, 1, D] -> (output [B, 1, C], new state)."""
+        return self.prefill(mixer, x_t, None, state)
+
+
 @register_replacement("conv", config=TokenConvolutionConfig, pruner=TokenConvolutionPruner,
-                      init_from_teacher=init_from_teacher, resize=resize,
+                      init_from_teacher=init_from_teacher, resize=resize, decoding=ConvDecoding(),
                       inference_form=lambda mixer, **_: inference_form(mixer))
 class TokenConvolution(nn.Module):
     """Depthwise convolution over tokens plus pointwise projection; causal padding at causal sites."""

@@ -414,3 +414,106 @@ class FastMultiHeadRecurrent(nn.Module):
         return (f"{kind}, heads={len(self.hidden_sizes)}, hidden={self.hidden_sizes}, "
                 f"directions={self.directions}, layers={self.num_layers}, "
                 f"projection_folded={self.folded}")
+
+
+# ------------------------------------------------------------------------------- decoding
+
+def _padded(mixer: nn.Module) -> int:
+    """State width per head: the largest hidden size, a multiple of 8 (as the inference form pads)."""
+    return -(-max(h.rnn.hidden_size for h in mixer.heads) // 8) * 8
+
+
+def _step_form(mixer: nn.Module) -> "FastMultiHeadRecurrent":
+    """The packed weights the decode step reads (all heads in one bmm per layer), rebuilt when a
+    weight changes (same key as ``MultiHeadRecurrent.inference_form``). Not a submodule."""
+    key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in mixer.parameters())
+    cached = mixer.__dict__.get("_step_cache")
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, FastMultiHeadRecurrent(mixer, use_kernel=False))
+        object.__setattr__(mixer, "_step_cache", cached)
+    return cached[1]
+
+
+class RecurrentDecoding:
+    """Decoding form of ``mhlstm`` / ``gru`` at causal sites (forward-only heads).
+
+    The state is ``(h,)`` for GRU and ``(h, c)`` for LSTM, each ``[B, layers, heads, P]`` (batch
+    first, so cache reordering indexes dim 0; P = the largest hidden size rounded up to 8, pruned
+    heads zero-padded). ``prefill`` runs each head's own recurrent network over the prompt from the
+    given state (the reference form: pads are zeroed inputs the recurrence runs through, exactly as
+    the sequence form does) and returns its final state; ``step`` advances every head and layer of
+    one token in one batched matrix product per layer (without gradients; with them it takes the
+    per-head networks, so gradients reach the weights).
+    """
+
+    def _check(self, mixer: nn.Module) -> bool:
+        if mixer.bidirectional:
+            raise SurgeryError("a bidirectional recurrent mixer has no decoding form (it reads later tokens); "
+                               "only causal sites decode token by token")
+        return isinstance(mixer.heads[0].rnn, nn.LSTM)
+
+    def init_state(self, mixer: nn.Module, batch: int) -> tuple[torch.Tensor, ...]:
+        lstm = self._check(mixer)
+        reference = mixer.heads[0].rnn.weight_ih_l0
+        shape = (batch, mixer.heads[0].rnn.num_layers, len(mixer.heads), _padded(mixer))
+        zeros = reference.new_zeros(shape)
+        return (zeros, zeros.clone()) if lstm else (zeros,)
+
+    def prefill(self, mixer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
+                state: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        lstm = self._check(mixer)
+        if state is None:
+            state = self.init_state(mixer, x.shape[0])
+        z = mixer.pre_proj(x)
+        if mask is not None:
+            z = z * mask.unsqueeze(-1).to(z.dtype)
+        new = tuple(torch.zeros_like(s) for s in state)
+        outputs = []
+        for k, (head, chunk) in enumerate(zip(mixer.heads, z.split(mixer.shape.head_dim, dim=-1))):
+            size = head.rnn.hidden_size
+            start = tuple(s[:, :, k, :size].transpose(0, 1).contiguous() for s in state)
+            y, final = head.rnn(chunk, start if lstm else start[0])
+            outputs.append(head.out(y))
+            for target, value in zip(new, final if lstm else (final,)):
+                target[:, :, k, :size] = value.transpose(0, 1)
+        return torch.cat(outputs, dim=-1), new
+
+    def step(self, mixer: nn.Module, x_t: torch.Tensor,
+             state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One token ``x_t`` [B, 1, D] -> (output [B, 1, C], new state)."""
+        lstm = self._check(mixer)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in mixer.parameters()):
+            return self.prefill(mixer, x_t, None, state)
+        fast = _step_form(mixer)
+        x = fast.pre_proj(x_t[:, 0])                                 # [B, width]
+        batch, heads = x.shape[0], len(fast.hidden_sizes)
+        if len(set(fast.input_sizes)) == 1:
+            inputs = x.view(batch, heads, fast.input_sizes[0]).transpose(0, 1)
+        else:
+            width = max(fast.input_sizes)
+            inputs = torch.stack([F.pad(c, (0, width - c.shape[-1])) for c in x.split(fast.input_sizes, dim=-1)])
+        h_all = state[0].transpose(0, 2)                             # [K, L, B, P]
+        c_all = state[1].transpose(0, 2) if lstm else None
+        new_h, new_c = [], []
+        for layer in range(fast.num_layers):
+            x_gates = torch.baddbmm(getattr(fast, f"b_in{layer}"), inputs, getattr(fast, f"w_in{layer}"))
+            h = h_all[:, layer]
+            h_gates = torch.baddbmm(getattr(fast, f"b_hh{layer}").unsqueeze(1), h, getattr(fast, f"w_hh{layer}"))
+            if lstm:
+                h, c = lstm_cell(x_gates, h_gates, c_all[:, layer])
+                new_c.append(c)
+            else:
+                h = gru_cell(x_gates, h_gates, h)
+            new_h.append(h)
+            inputs = h                                               # [K, B, P]
+        y = torch.baddbmm(fast.b_out, inputs, fast.w_out)            # [K, B, O]
+        if len(set(fast.output_sizes)) == 1:
+            y = y.transpose(0, 1).reshape(batch, 1, -1)
+        else:
+            y = torch.cat([y[k, :, :o] for k, o in enumerate(fast.output_sizes)], dim=-1).view(batch, 1, -1)
+        pack = lambda parts: torch.stack(parts, dim=1).transpose(0, 2).contiguous()  # noqa: E731 -> [B, L, K, P]
+        return y, (pack(new_h), pack(new_c)) if lstm else (pack(new_h),)
+
+
+DECODING = RecurrentDecoding()

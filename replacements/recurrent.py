@@ -14,6 +14,7 @@ from torch import nn
 from .native import load_kernel
 from .recurrent_init import init_from_teacher
 from .recurrence import (
+    DECODING,
     FastMultiHeadRecurrent,
     _tracing,
     batch_cost,
@@ -355,4 +356,5 @@ def recurrent_hooks() -> dict[str, Any]:
         "init_from_teacher": init_from_teacher,
         "resize": resize,
         "flop_handles": FLOP_HANDLES,
+        "decoding": DECODING,
     }
