@@ -84,20 +84,21 @@ def custom_code_dir(tmp_path: Path) -> tuple[Path, Path]:
     return directory, marker
 
 
-@pytest.mark.parametrize("stdin", ["y\n", None])
-def test_hf_directory_with_custom_code_never_runs_it_nor_asks(tmp_path, stdin):
+@pytest.mark.parametrize("stdin,through", [("y\n", "manifest"), (None, "manifest"), ("y\n", "model spec")])
+def test_hf_directory_with_custom_code_never_runs_it_nor_asks(tmp_path, stdin, through):
     directory, marker = custom_code_dir(tmp_path)
     run = tmp_path / "run"
     checkpoint.save(replaced(), run, source=f"hf:{directory}")  # a run directory handed over by someone
-    for command in (["inspect", "--model", f"hf:{directory}"], ["export", str(run), "--out", str(tmp_path / "m.pt2")]):
-        result = subprocess.run([sys.executable, "-m", "surgery", *command], cwd=tmp_path, env=child_env(),
-                                input=stdin, stdin=None if stdin else subprocess.DEVNULL, capture_output=True,
-                                text=True, timeout=300)
-        assert not marker.exists(), "the directory's Python code was executed"
-        assert result.returncode == 2, result.stderr
-        assert "[y/N]" not in result.stdout + result.stderr  # never asked
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "--allow-code" in lines[0], result.stderr
+    command = (["export", str(run), "--out", str(tmp_path / "m.pt2")] if through == "manifest"
+               else ["inspect", "--model", f"hf:{directory}"])
+    result = subprocess.run([sys.executable, "-m", "surgery", *command], cwd=tmp_path, env=child_env(),
+                            input=stdin, stdin=None if stdin else subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=300)
+    assert not marker.exists(), "the directory's Python code was executed"
+    assert result.returncode == 2, result.stderr
+    assert "[y/N]" not in result.stdout + result.stderr  # never asked
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--allow-code" in lines[0], result.stderr
 
 
 def test_allow_code_is_what_lets_transformers_run_code(tmp_path, monkeypatch):
