@@ -1,7 +1,8 @@
 """FAR's recipe for DeiT-T/S/B: replace every attention block, distil, fine-tune, optionally prune.
 
-Stages (each a ``surgery.distill`` run directory under ``--out``, so each one resumes after an
-interruption and a finished stage is reloaded instead of rerun):
+The stages run through the generic stage runner (``recipes.far.run_far``: each stage a
+``surgery.distill`` run directory under ``--out``, so each one resumes after an interruption and a
+finished stage is reloaded instead of rerun); this module supplies DeiT's model, data and settings:
 
 1. ``stage1``: only the new modules train (the reused output projections and everything else stay
    frozen); loss = per-block MSE of the attention output before the output projection (FAR's
@@ -26,218 +27,19 @@ remaining deviations from the reference are listed in every report (``deit_devia
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from surgery.errors import DataError, ManifestError, SurgeryError, WeightsUnavailableError
+# the generic stage runner, also importable from here (its home before the split)
+from surgery.recipes.far import DEVIATIONS, StagePlan, StageRunner, batches_accuracy, run_far  # noqa: F401
 
 REFERENCE_BATCH = 512
-# run_far with an empty StagePlan.stage1_settings / finetune_settings (the MNIST recipe): none of DeiT's
-# regularisers; the DeiT recipe turns them on and reports its own list (deit_deviations)
-DEVIATIONS = ("no Mixup/CutMix or label smoothing (StagePlan.finetune_settings does not turn on "
-              "surgery.distill's mixup/cutmix/label_smoothing)",
-              "no EMA, no drop-path (surgery.distill's ema_decay / train_mode are off)")
-
-
-# --------------------------------------------------------------------------------- the stages
-
-@dataclass
-class StagePlan:
-    """The data-independent part of FAR's pipeline: steps and learning rates of every stage.
-
-    Args:
-        replacement: registered replacement name ("mhlstm", "gru", "conv").
-        replacement_settings: settings of the replacement's config (e.g. ``{"hidden_per_head": 32}``).
-        stage1_steps, stage1_lr, stage1_warmup: stage 1 (new modules only; warm-up as a fraction).
-        stage2_steps, stage2_lr: stage 2 (all weights, cross-entropy); 0 steps skips it.
-        prune_ratio: 0 = no pruning; else ``surgery.prune`` ratio, followed by recovery.
-        recovery_steps, recovery_lr: fine-tuning after pruning.
-        mode: "e2e" (FAR's reference) or "blockwise" (teacher-forced) for stage 1.
-        site_weight, task_weight: weights of the block-wise MSE and of the cross-entropy.
-        weight_decay: AdamW weight decay.
-        seed: seed of data order and initialisation.
-        eval_batches: batches the engine's fidelity reports read.
-        stage1_settings: further ``surgery.distill`` settings of stage 1 (e.g. ``{"mixup": 0.8}``).
-        finetune_settings: further ``surgery.distill`` settings of stage 2 and recovery (the full
-            fine-tuning stages), e.g. DeiT's ``{"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1,
-            "train_mode": True, "ema_decay": 0.99996}``. Empty (the default): none of them.
-    """
-
-    replacement: str = "mhlstm"
-    replacement_settings: dict = field(default_factory=dict)
-    stage1_steps: int = 100
-    stage1_lr: float = 5e-4
-    stage1_warmup: float = 0.025
-    stage2_steps: int = 0
-    stage2_lr: float = 5e-5
-    stage2_warmup: float = 0.0
-    prune_ratio: float = 0.0
-    recovery_steps: int = 0
-    recovery_lr: float = 5e-6
-    mode: str = "e2e"
-    site_weight: float = 1.0
-    task_weight: float = 1.0
-    weight_decay: float = 0.05
-    seed: int = 0
-    eval_batches: int = 8
-    stage1_settings: dict = field(default_factory=dict)
-    finetune_settings: dict = field(default_factory=dict)
-
-
-def _stage_done(path: Path) -> bool:
-    return (path / "manifest.json").is_file() and (path / "fidelity.json").is_file()
-
-
-def _load_stage(path: Path, build_base: Callable[[], nn.Module]) -> nn.Module:
-    import surgery
-
-    return surgery.load(path, model=build_base())
-
-
-def run_far(build_teacher: Callable[[], nn.Module], example_inputs: Any, train_data: Iterable,
-            eval_data: Iterable, plan: StagePlan, out_dir: str | Path, *,
-            evaluate: Callable[[nn.Module], dict[str, float]],
-            log: Callable[[str], None] = print, progress=None,
-            device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Run FAR's stages on any model and data; every stage resumes from ``out_dir/<stage>``.
-
-    Args:
-        build_teacher: returns a fresh copy of the trained teacher (the base of every stage).
-        example_inputs: inputs the model accepts (site location, pruning, FLOPs).
-        train_data: re-iterable labelled batches (``surgery.data.Labelled`` or ``(x, y)``).
-        eval_data: held-out labelled batches for the engine's fidelity reports.
-        plan: steps and learning rates (``StagePlan``).
-        out_dir: run directory of this student (``stage1/``, ``stage2/``, ``prune/``, ``recovery/``).
-        evaluate: model -> metrics (e.g. ``{"test_accuracy": ...}``) measured after every stage.
-        log: one-line progress messages.
-        progress: a ``surgery.progress.Progress`` for per-step metrics.
-        device: where the stages train ("cpu", "cuda"); models are built and reloaded on the CPU.
-
-    Returns:
-        ``{"stages": [{"stage", "steps", "seconds", "params", **evaluate(...)}, ...], "model": student}``.
-
-    Example:
-        >>> # see recipes.mnist.run_mnist and tests/test_recipes.py   # doctest: +SKIP
-    """
-    import surgery
-
-    out_dir = Path(out_dir)
-    stages: list[dict[str, Any]] = []
-
-    def record(name: str, model: nn.Module, seconds: float, steps: int, extra: dict | None = None) -> None:
-        row = {"stage": name, "steps": steps, "seconds": round(seconds, 1),
-               "params": surgery.count_parameters(model), **evaluate(model), **(extra or {})}
-        stages.append(row)
-        log(f"{out_dir.name} {name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in row.items() if k != "stage"))
-
-    def build_student() -> nn.Module:
-        model = build_teacher()
-        surgery.replace_attention(model, plan.replacement, example_inputs, config=plan.replacement_settings)
-        return model.to(device)
-
-    def distill_stage(name: str, model: nn.Module, steps: int, lr: float, warmup: float, train: str,
-                      site_weight: float, mode: str, base: Callable[[], nn.Module],
-                      settings: dict[str, Any]) -> nn.Module:
-        path = out_dir / name
-        wanted = {"mode": mode, "steps": steps, "lr": lr, "train": train, "site_weight": site_weight,
-                  "task_weight": plan.task_weight, "warmup": warmup, "weight_decay": plan.weight_decay,
-                  "seed": plan.seed, **settings}
-        _check_same_settings(path, wanted)
-        if _stage_done(path):
-            model = _load_stage(path, base).to(device)
-            info = json.loads((path / "fidelity.json").read_text())
-            log(f"{out_dir.name} {name}: already done, reloaded from {path}")
-            record(name, model, info.get("seconds", 0.0), info.get("steps", steps),
-                   {"site_cosine": _mean([s["cosine_after"] for s in info.get("sites", [])])})
-            return model
-        began = time.perf_counter()
-        # without train_mode surgery.distill trains in eval mode; cuDNN refuses an RNN backward in eval
-        # mode, and heads pruned to different sizes train in their per-head form: use the native
-        # kernels (with train_mode cuDNN would do, but the native kernels are kept alike)
-        cudnn_off = name == "recovery" and next(model.parameters()).is_cuda
-        with torch.backends.cudnn.flags(enabled=not cudnn_off):
-            result = _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight, settings)
-        record(name, model, time.perf_counter() - began, result.steps,
-               {"site_cosine": _mean([s.cosine_after for s in result.sites])})
-        return model
-
-    def _distill(surgery, model, name, mode, steps, lr, path, warmup, train, site_weight, settings):
-        return surgery.distill(
-            None, model, train_data, mode=mode, steps=steps, lr=lr, run_dir=path, resume=True,
-            eval_data=eval_data, seed=plan.seed, progress=progress, warmup=warmup, train=train,
-            site_weight=site_weight, task_weight=plan.task_weight, weight_decay=plan.weight_decay,
-            eval_batches=plan.eval_batches, labelled=True, **settings)
-
-    teacher = build_teacher().to(device)
-    record("teacher", teacher, 0.0, 0)
-    del teacher
-
-    student = build_student()
-    student = distill_stage("stage1", student, plan.stage1_steps, plan.stage1_lr, plan.stage1_warmup,
-                            "replacements", plan.site_weight, plan.mode, build_teacher, plan.stage1_settings)
-    if plan.stage2_steps > 0:
-        # stage 2 is plain fine-tuning: cross-entropy only, every weight trains
-        student = distill_stage("stage2", student, plan.stage2_steps, plan.stage2_lr, plan.stage2_warmup,
-                                "all", 0.0, "e2e", build_teacher, plan.finetune_settings)
-    if plan.prune_ratio > 0:
-        student = _prune_stage(student, example_inputs, plan, out_dir, log, record, build_teacher).to(device)
-        if plan.recovery_steps > 0:
-            student = distill_stage("recovery", student, plan.recovery_steps, plan.recovery_lr, 0.0,
-                                    "all", 0.0, "e2e", build_teacher, plan.finetune_settings)
-    return {"stages": stages, "model": student}
-
-
-def _check_same_settings(path: Path, wanted: dict[str, Any]) -> None:
-    """Refuse to reuse or resume a stage directory that was run with other settings."""
-    config = path / "config.json"
-    if not config.is_file():
-        return
-    stored = json.loads(config.read_text())
-    changed = [k for k, v in wanted.items() if k in stored and stored[k] != v
-               and not (isinstance(v, float) and math.isclose(float(stored[k]), v, rel_tol=1e-9))]
-    if changed:
-        key = changed[0]
-        raise SurgeryError(f"{path} was run with other settings ({key}={stored[key]!r}, now {wanted[key]!r}); "
-                           "give a new --out, or delete that stage directory to redo it")
-
-
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
-
-
-def _prune_stage(student: nn.Module, example_inputs: Any, plan: StagePlan, out_dir: Path, log, record,
-                 build_teacher) -> nn.Module:
-    import surgery
-
-    path = out_dir / "prune"
-    if (path / "manifest.json").is_file():
-        from surgery.checkpoint import read_manifest
-
-        stored = read_manifest(path).get("extra", {}).get("prune_ratio")
-        if stored is not None and not math.isclose(stored, plan.prune_ratio):
-            raise SurgeryError(f"{path} was pruned at ratio {stored}, now {plan.prune_ratio}; give a new --out, "
-                               "or delete that directory to redo it")
-        student = surgery.load(path, model=build_teacher())
-        log(f"{out_dir.name} prune: already done, reloaded from {path}")
-        record("prune", student, 0.0, 0)
-        return student
-    if not hasattr(surgery, "prune"):
-        raise SurgeryError("pruning needs surgery.prune, which this installation does not have")
-    began = time.perf_counter()
-    inputs = tuple(x.to(next(student.parameters()).device) for x in example_inputs)
-    surgery.prune(student, inputs, ratio=plan.prune_ratio)
-    surgery.save(student, path, extra={"prune_ratio": plan.prune_ratio})
-    record("prune", student, time.perf_counter() - began, 0)
-    return student
 
 
 # -------------------------------------------------------------------------------- DeiT config
@@ -500,21 +302,6 @@ def deit_data(config: DeitConfig, model: nn.Module) -> tuple[FolderBatches, Fold
     return (FolderBatches(train, batch, shuffle=True, seed=config.seed, workers=config.workers, drop_last=True),
             FolderBatches(val, batch, shuffle=False, seed=0, workers=config.workers, drop_last=False),
             classes)
-
-
-@torch.inference_mode()
-def batches_accuracy(model: nn.Module, data: Iterable) -> float:
-    """Top-1 accuracy (percent) of ``model`` over labelled batches."""
-    from surgery.data import split_batch
-
-    model.eval()
-    correct = total = 0
-    for batch in data:
-        args, kwargs, labels = split_batch(batch, labelled=True)
-        logits = model(*args, **kwargs)
-        correct += int((logits.argmax(-1) == labels).sum())
-        total += len(labels)
-    return 100.0 * correct / max(1, total)
 
 
 def _steps(epochs: float, steps: Optional[int], per_epoch: int) -> int:

