@@ -236,6 +236,11 @@ def test_prune_out_holding_another_run_is_refused(tmp_path, factory_path):
     before = (other / "manifest.json").read_text()
     one_line_error(invoke("prune", run, "--ratio", "0.25", "--no-flops", "--out", other), "--overwrite")
     assert (other / "manifest.json").read_text() == before
+    pruned = tmp_path / "pruned"
+    for _ in range(2):  # the same prune again over its own output is allowed
+        result = invoke("prune", run, "--ratio", "0.25", "--no-flops", "--out", pruned, "--allow-code")
+        assert result.exit_code == 0, result.output
+    one_line_error(invoke("prune", run, "--ratio", "0.5", "--no-flops", "--out", pruned), "--overwrite")
 
 
 def test_out_that_is_a_file_is_one_line(tmp_path, factory_path):
