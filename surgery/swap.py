@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from surgery.decoding import decoding_form, site_call
 from surgery.errors import NoAttentionFoundError, SurgeryError, UnsupportedSiteError
 from surgery.inputs import as_args_kwargs, default_example_inputs, without_cache
 from surgery.locate import _Call, _causal_probe, _first_tensor, _hidden_states, find_attention
@@ -25,8 +26,11 @@ class ReplacedAttention(nn.Module):
     (reused, as in FAR) and, until ``finalize``, the original block itself (the distillation teacher).
 
     Called exactly like the original block and returns the same structure. With
-    ``use_original = True`` it runs the original block instead (teacher mode).
+    ``use_original = True`` it runs the original block instead (teacher mode). A causal site whose
+    replacement has a decoding form decodes statefully when a cache reaches it (``surgery.decoding``).
     """
+
+    is_replaced_site = True  # how surgery.decoding recognises a site (it does not import this module)
 
     def __init__(self, site: AttentionSite, mixer: nn.Module, original: nn.Module,
                  replacement: str, config: ReplacementConfig) -> None:
@@ -83,9 +87,12 @@ class ReplacedAttention(nn.Module):
                 raise SurgeryError(f"site {self.site.name!r} was finalized: its original is gone")
             return self.original(*args, **kwargs)
         hidden, valid = self.read_inputs(args, kwargs)
-        _refuse_incremental_decoding(self.site.name, kwargs, hidden.shape[1])
-        output = self.project(self.mixer(hidden, valid))
-        return self.pack_output(output)
+        # a cache (or a surgery.decoding.stateful session) and a decoding form: stateful decoding
+        context = site_call(self, hidden, valid, kwargs)
+        if context is None:
+            _refuse_incremental_decoding(self.site.name, kwargs, hidden.shape[1])
+            context = self.mixer(hidden, valid)
+        return self.pack_output(self.project(context))
 
     def project(self, context: torch.Tensor) -> torch.Tensor:
         """Apply the reused output projection (and its dropout) to the mixer's context output."""
@@ -353,8 +360,8 @@ def _check_one(site: AttentionSite, wrapper: ReplacedAttention, call: _Call) -> 
 
 
 def _prefer_full_prefix(model: nn.Module) -> None:
-    # A replaced causal site keeps no KV cache, so a HuggingFace model must recompute the whole
-    # prefix at every generation step: generate() defaults to use_cache=False. An explicit
+    # A replaced causal site without a decoding form keeps no state, so a HuggingFace model must
+    # recompute the whole prefix at every generation step: generate() defaults to use_cache=False. An explicit
     # use_cache=True, or a cache fed back by hand, is refused at the site on the next step (see
     # _refuse_incremental_decoding). A plain call still returns its cache object, as before.
     for module in model.modules():
@@ -388,9 +395,11 @@ def replace_attention(
     example inputs through each one and compare its output (container, shape, dtype, causality)
     with the original's; only then swap. A failure leaves the model untouched, never half-replaced.
     The originals stay inside the wrappers (the distillation teachers) until ``finalize(model)``.
-    Each replacement takes the training mode of the block it replaces. A HuggingFace model with
-    causal replaced sites gets ``use_cache=False`` in its generation config: replaced sites keep
-    no KV cache, so ``generate()`` recomputes the full prefix (and refuses ``use_cache=True``).
+    Each replacement takes the training mode of the block it replaces. Causal sites whose
+    replacement has a decoding form (mhlstm, gru, conv) keep a fixed-size state in the model's
+    cache, so ``generate()`` decodes token by token (``surgery.decoding``). A HuggingFace model
+    with a causal site whose replacement has none gets ``use_cache=False`` in its generation
+    config: ``generate()`` recomputes the full prefix (and refuses ``use_cache=True``).
 
     Args:
         model: the model to change in place.
@@ -500,8 +509,8 @@ def replace_attention(
         setattr(model.get_submodule(parent_name), child, wrapper)
         after = count_parameters(wrapper)
         reports.append(SiteReport(site, sum(p.numel() for p in original.parameters()), after))
-    if any(site.causal for site, _, _ in built):
-        _prefer_full_prefix(model)
+    if any(site.causal and decoding_form(wrapper) is None for site, _, wrapper in built):
+        _prefer_full_prefix(model)  # a causal site that cannot decode: generate() recomputes the prefix
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return ReplacementReport(replacement, config.to_dict(), tuple(reports), params_before,
                              count_parameters(model), tuple(sorted(skipped, key=lambda s: order.get(s.name, 0))))

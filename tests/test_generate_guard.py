@@ -1,15 +1,36 @@
-"""A replaced causal HF model generates exactly what the uncached greedy loop gives, or refuses."""
+"""A replaced causal HF model generates exactly what the uncached greedy loop gives, or refuses.
+
+Replacements with a decoding form (mhlstm, gru, conv) decode with the cache (tests/test_decoding_hf.py);
+one without (``causal_mean_nodecode`` below) keeps the refusal of incremental decoding.
+"""
 
 import pytest
 import torch
+from torch import nn
 
 import surgery
 from models import ids, tiny_gpt2_lm, tiny_llama_lm
 
 FAMILIES = {"gpt2": tiny_gpt2_lm, "llama": tiny_llama_lm}
+NO_DECODING = "causal_mean_nodecode"
 
 
-def _replaced(family: str, replacement: str = "mhlstm"):
+@surgery.register_replacement(NO_DECODING)
+class CausalMean(nn.Module):
+    """Running mean of a projection (causal), registered without a decoding form."""
+
+    def __init__(self, shape, config):
+        super().__init__()
+        self.proj = nn.Linear(shape.input_dim, shape.output_dim)
+
+    def forward(self, x, padding_mask=None):
+        y = self.proj(x)
+        if padding_mask is not None:
+            y = y * padding_mask.unsqueeze(-1).to(y.dtype)
+        return y.cumsum(1) / torch.arange(1, x.shape[1] + 1, dtype=y.dtype).view(1, -1, 1)
+
+
+def _replaced(family: str, replacement: str = NO_DECODING):
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
     prompt = ids(1, 5)
@@ -23,15 +44,18 @@ def _greedy_without_cache(model, prompt, steps: int) -> tuple[torch.Tensor, torc
         for _ in range(steps):
             logits = model(input_ids=tokens, use_cache=False).logits[:, -1]
             scores.append(logits)
-            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+            chosen = logits.clone()
+            chosen[:, model.generation_config.eos_token_id] = float("-inf")  # as min_new_tokens does
+            tokens = torch.cat([tokens, chosen.argmax(-1, keepdim=True)], dim=1)
     return tokens, torch.stack(scores, 1)
 
 
-@pytest.mark.parametrize("replacement", ["mhlstm", "conv"])
+@pytest.mark.parametrize("replacement", ["mhlstm", "conv", NO_DECODING])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_default_generate_equals_the_uncached_greedy_loop(family, replacement):
     model, prompt = _replaced(family, replacement)
-    assert model.generation_config.use_cache is False
+    # a replacement that decodes keeps the cache on; one that cannot turns it off
+    assert model.generation_config.use_cache is (replacement != NO_DECODING)
     tokens, scores = _greedy_without_cache(model, prompt, 6)
     with torch.no_grad():
         generated = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
@@ -62,7 +86,7 @@ def test_manual_incremental_step_with_an_empty_cache_is_refused():
 
 
 def test_a_fresh_cache_on_a_full_sequence_is_fine():
-    model, prompt = _replaced("llama")
+    model, prompt = _replaced("llama", "mhlstm")
     from transformers import DynamicCache
 
     with torch.no_grad():
@@ -71,12 +95,13 @@ def test_a_fresh_cache_on_a_full_sequence_is_fine():
     torch.testing.assert_close(with_cache.logits, without.logits, rtol=1e-5, atol=1e-6)
 
 
-def test_seq2seq_generate_with_replaced_decoder_self_attention():
+@pytest.mark.parametrize("replacement", ["mhlstm", NO_DECODING])
+def test_seq2seq_generate_with_replaced_decoder_self_attention(replacement):
     from models import tiny_t5
 
     torch.manual_seed(0)
     model = tiny_t5().eval()
-    report = surgery.replace_attention(model, "mhlstm", on_unsupported="skip")  # cross-attention stays
+    report = surgery.replace_attention(model, replacement, on_unsupported="skip")  # cross-attention stays
     assert report.skipped and all(s.kind == "cross" for s in report.skipped)
     source = ids(1, 7)
     decoded, scores = torch.full((1, 1), model.config.decoder_start_token_id), []
@@ -89,9 +114,16 @@ def test_seq2seq_generate_with_replaced_decoder_self_attention():
                                    output_logits=True, return_dict_in_generate=True)
     assert torch.equal(generated.sequences, decoded)
     torch.testing.assert_close(torch.stack(generated.logits, 1), torch.stack(scores, 1), rtol=1e-5, atol=1e-5)
-    with pytest.raises(surgery.SurgeryError, match="use_cache=False"):
-        with torch.no_grad():
-            model.generate(source, max_new_tokens=3, do_sample=False, use_cache=True)
+    if replacement == NO_DECODING:
+        with pytest.raises(surgery.SurgeryError, match="use_cache=False"):
+            with torch.no_grad():
+                model.generate(source, max_new_tokens=3, do_sample=False, use_cache=True)
+        return
+    with torch.no_grad():  # the decoder's replaced self-attention decodes from the cache
+        cached = model.generate(source, max_new_tokens=5, min_new_tokens=5, do_sample=False, use_cache=True,
+                                output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(cached.sequences, decoded)
+    torch.testing.assert_close(torch.stack(cached.logits, 1), torch.stack(scores, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_restore_attention_turns_the_cache_back_on():
