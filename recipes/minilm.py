@@ -1,9 +1,10 @@
 """The MiniLM recipe: the real all-MiniLM-L6-v2 sentence encoder with all 6 attention layers replaced.
 
 For each replacement, a fresh copy of the bundled pretrained model has every self-attention block
-replaced, then the replacements are distilled on offline text (Python's own documentation and the
-standard library's docstrings, ``text:python``; WordNet's general English, ``text:english``; a
-weighted mix such as ``text:python*1+english*2``; or ``text:builtin``, ``text:PATH``).
+replaced, then the replacements are distilled on offline text: by default ``text:python+english``,
+equal shares of Python's own documentation and the standard library's docstrings (``text:python``)
+and WordNet's general English (``text:english``, ``apt-get install wordnet-base``); or any other
+text spec (a weighted mix such as ``text:python*1+english*2``, ``text:builtin``, ``text:PATH``).
 Multi-head LSTM and GRU sites start from the teacher (``init="teacher"``: value projection +
 per-head moving averages fitted by least squares, see
 ``surgery.distill.init``); an optional teacher-forced phase ("blockwise", every site learns its own
@@ -46,7 +47,7 @@ class MinilmConfig:
 
     replacements: str = "mhlstm,gru,conv"
     model: str = "minilm"
-    data: str = "text:python"
+    data: str = "text:python+english"
     init: str = "teacher"
     init_batches: int = 12
     blockwise_steps: int = 0
@@ -69,7 +70,9 @@ class MinilmConfig:
         "data": "training text: text:builtin (Python's docs, offline), text:python (the same + the standard "
                 "library's docstrings, ~4x the text), text:english (WordNet's glosses and examples; apt-get "
                 "install wordnet-base), a mix with weights as shares (text:python*1+english*2) or text:PATH "
-                "(file or folder of .txt). The in-domain held-out set is the first source's held-out split.",
+                "(file or folder of .txt). The in-domain held-out set is the first source's held-out split. Default "
+                "since issue 20: Python's text and English in equal shares (out-of-domain cosine 0.775 against "
+                "0.693 for text:python after 120 probe steps, in domain 0.811 against 0.828).",
         "init": "teacher: start LSTM/GRU mixers from the original attention's values (none: random init).",
         "init_batches": "batches the teacher-derived fit sees (12 gave 0.74 held-out cosine before any step, 4 gave 0.66).",
         "blockwise_steps": "teacher-forced steps first (every site fed the teacher's input; 0 skips the phase).",

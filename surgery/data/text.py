@@ -171,8 +171,8 @@ def _wordnet_entries(root: str) -> tuple[str, ...]:
 
 
 def english_text(split: str = "train") -> list[str]:
-    """General English from WordNet 3.0 (Debian's ``wordnet-base``: about 117k glosses and 37k
-    quoted example sentences), one short paragraph per synset (``wordnet_entry``); every 10th
+    """General English from WordNet 3.0 (Debian's ``wordnet-base``: 117.7k glosses and about 48k
+    quoted examples), one short paragraph per synset (``wordnet_entry``); every 10th
     synset is the held-out split. Needs ``apt-get install wordnet-base`` (see ``wordnet_dir``).
 
     Example:
