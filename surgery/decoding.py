@@ -202,8 +202,8 @@ def stateful(model: nn.Module) -> Iterator[DecodingState]:
         >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
         >>> model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
         >>> mask = torch.nn.Transformer.generate_square_subsequent_mask(6)
-        >>> _ = surgery.replace_attention(model, "gru", {"args": (torch.randn(1, 6, 16),),
-        ...                                               "kwargs": {"mask": mask, "is_causal": True}})
+        >>> _ = surgery.replace_attention(model, "gru", ((torch.randn(1, 6, 16),),
+        ...                                               {"mask": mask, "is_causal": True}))
         >>> x = torch.randn(1, 6, 16)
         >>> with torch.no_grad(), surgery.decoding.stateful(model) as state:
         ...     first = model(x[:, :4])

@@ -84,3 +84,64 @@ def test_a_non_causal_mixer_has_no_decoding(name):
     mixer = spec.build(MixerShape(16, 16, 4, causal=False), {}).eval()
     with pytest.raises(surgery.SurgeryError, match="only causal sites"):
         spec.decoding.init_state(mixer, 1)
+
+
+# ------------------------------------------------------------------------------ plain PyTorch
+
+def _causal_stack(replacement, seed=0):
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    example = torch.randn(1, 6, 16)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(6)
+    report = surgery.replace_attention(model, replacement, ((example,), {"mask": mask, "is_causal": True}))
+    assert all(s.site.causal for s in report.sites)
+    return model
+
+
+@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv"])
+def test_plain_pytorch_stack_decodes_token_by_token(replacement):
+    model = _causal_stack(replacement)
+    x = torch.randn(2, 10, 16)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(10)
+    with torch.no_grad():
+        full = model(x, mask=mask, is_causal=True)
+        with surgery.decoding.stateful(model) as state:
+            parts = [model(x[:, :4])]
+            parts += [model(x[:, i:i + 1]) for i in range(4, 8)]
+            parts.append(model(x[:, 8:]))  # a chunk continues from the state too
+            assert state.tokens == 10
+            memory = state.nbytes
+            state.reset()
+            again = model(x[:, :3])
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, full[:, :3], atol=1e-5, rtol=1e-5)
+    assert memory > 0
+    with torch.no_grad():  # outside the block the model is stateless again
+        torch.testing.assert_close(model(x, mask=mask, is_causal=True), full, atol=1e-6, rtol=1e-6)
+
+
+def test_plain_pytorch_select_keeps_rows_and_a_wrong_batch_is_refused():
+    model = _causal_stack("mhlstm", seed=2)
+    x = torch.randn(3, 6, 16)
+    with torch.no_grad():
+        full = model(x[[2, 0]], mask=torch.nn.Transformer.generate_square_subsequent_mask(6), is_causal=True)
+        with surgery.decoding.stateful(model) as state:
+            first = model(x[:, :4])
+            state.select(torch.tensor([2, 0]))
+            rest = model(x[[2, 0], 4:])
+            with pytest.raises(surgery.SurgeryError, match="batch of 2, got 3 rows") as error:
+                model(x[:, 4:5])
+    assert len(str(error.value).splitlines()) == 1
+    torch.testing.assert_close(torch.cat([first[[2, 0]], rest], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_stateful_refuses_a_site_without_a_decoding_form():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    surgery.replace_attention(model, "mhlstm", torch.randn(1, 6, 16))  # no mask: bidirectional
+    with pytest.raises(surgery.SurgeryError, match="has no decoding form") as error:
+        with surgery.decoding.stateful(model):
+            pass
+    assert len(str(error.value).splitlines()) == 1
