@@ -201,7 +201,7 @@ def test_every_builtin_record_carries_its_hooks():
         spec = get_replacement(name)
         assert spec.make_pruner() is not None and spec.resize is not None and spec.init_from_teacher is not None
         assert spec.inference_form is not None
-        assert spec.decoding is None  # the decoding interface is the record's slot; issue 13 fills it
+        assert spec.decoding is not None  # issue 13: every built-in decodes at causal sites (tests/test_decoding.py)
         assert replacement_of(spec.build(MixerShape(8, 8, 2))) is spec
     assert get_replacement("mhlstm").training_form is not None
     assert {"aten::lstm", "aten::gru"} <= set(registry.registered_flop_handles())
