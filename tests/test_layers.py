@@ -22,7 +22,8 @@ PACKAGES = {"surgery": "surgery", "replacements": "surgery.replacements", "recip
 FLOORS: list[tuple[str, ...]] = [
     ("surgery.errors", "surgery.sites", "surgery.progress", "surgery._compat"),
     ("surgery.registry", "surgery.inputs", "surgery.models", "surgery.units", "surgery.gguf"),
-    ("surgery.locate", "surgery.data", "surgery.data.*", "surgery.replacements", "surgery.replacements.*"),
+    ("surgery.locate", "surgery.data", "surgery.data.*", "surgery.replacements", "surgery.replacements.*",
+     "surgery.decoding"),
     ("surgery.swap",),
     ("surgery.checkpoint", "surgery.measure", "surgery.sparsity", "surgery.sources"),
     ("surgery.prune", "surgery.prune.*", "surgery.distill", "surgery.distill.*"),
