@@ -82,16 +82,20 @@ def main() -> None:
                "p75_ms": {k: round(v["p75_ms"], 3) for k, v in timing.items()},
                "ratio_to_attention": {k: round(v["median_ms"] / base, 3) for k, v in timing.items()}}
         results.append(row)
+        _write(args.out, results, same)  # after every thread setting: a killed run keeps what it measured
         print(f"{threads} thread(s), load {load_before[0]:.1f} -> {load_after[0]:.1f}: "
               + ", ".join(f"{k} {v['median_ms']:.1f} ms ({v['median_ms'] / base:.2f}x)" for k, v in timing.items()))
+    print(f"wrote {args.out}")
+
+
+def _write(out: str, results: list, same: float) -> None:
     report = {"benchmark": "latency_default", "model": "deit_tiny_patch16_224", "replacement": "mhlstm",
               "batch": 1, "image_size": 224, "calls": "replace_attention + finalize + .eval() only",
               "max_abs_difference_default_vs_reference": same, "kernel": kernel_status(),
               "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
               "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
