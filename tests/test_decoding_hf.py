@@ -7,8 +7,20 @@ import torch
 import surgery
 from models import ids, tiny_gpt2_lm, tiny_llama_lm
 
-FAMILIES = {"gpt2": tiny_gpt2_lm, "llama": tiny_llama_lm}
-HYBRID = {"gpt2": ["transformer.h.1.attn"], "llama": ["model.layers.0.self_attn"]}
+
+
+def tiny_mistral_lm():
+    """Mistral-shaped: a sliding window (4) shorter than the prompts, so hybrids keep a sliding KV layer."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                            bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+FAMILIES = {"gpt2": tiny_gpt2_lm, "llama": tiny_llama_lm, "mistral": tiny_mistral_lm}
+HYBRID = {"gpt2": ["transformer.h.1.attn"], "llama": ["model.layers.0.self_attn"],
+          "mistral": ["model.layers.1.self_attn"]}
 
 
 def _model(family, replacement="mhlstm", targets=None, seed=0):
@@ -75,7 +87,7 @@ def test_hybrid_keeps_kv_for_attention_and_state_for_replaced(family):
     kinds = [type(layer).__name__ for layer in cache.layers]
     assert kinds.count("SiteStateLayer") == 1 and len(kinds) == 2
     attention = next(layer for layer in cache.layers if type(layer).__name__ != "SiteStateLayer")
-    assert attention.keys.shape[-2] == prompt.shape[1] + 3
+    assert attention.get_seq_length() == prompt.shape[1] + 3
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
