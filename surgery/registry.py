@@ -87,6 +87,9 @@ class TeacherEvidence:
         records: captured (hidden [B, N, D], valid mask [B, N] or None, context target [B, N, C]).
         ridge: ridge term of least-squares fits, relative to the feature energy.
         settings: replacement-specific settings (e.g. ``decays`` and ``scale`` of recurrences).
+        original: the original attention block, for hooks that read more than its value
+            projection (``linear`` copies its queries and keys), or None.
+        site: the site's ``AttentionSite`` (its name for errors), or None.
     """
 
     value_weight: Any
@@ -94,6 +97,8 @@ class TeacherEvidence:
     records: list
     ridge: float = 1e-3
     settings: dict = dataclasses.field(default_factory=dict)
+    original: Any = None
+    site: Any = None
 
 
 class DecodingForm(Protocol):

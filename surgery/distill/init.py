@@ -99,7 +99,8 @@ def initialise_from_teacher(student: nn.Module, data: Iterable, *, batches: int 
         for w in wrappers:
             weight, bias = value_projection(w)
             evidence = TeacherEvidence(weight, bias, records[w.site.name], ridge=ridge,
-                                       settings={"decays": tuple(decays), "scale": scale})
+                                       settings={"decays": tuple(decays), "scale": scale},
+                                       original=w.original, site=w.site)
             summary = hooks[w.site.name](w.mixer, evidence)
             if summary is not None:  # None: the hook found nothing it could start (mixer unchanged)
                 chosen[w.site.name] = summary
