@@ -12,10 +12,13 @@ if __name__ != "surgery.replacements":  # imported by its old top-level name fro
 else:
     from .conv import TokenConvolution, TokenConvolutionConfig
     from .gru import MultiHeadGRU, MultiHeadGRUConfig
+    from .linear import GatedLinearAttention, LinearAttentionConfig
     from .mhlstm import MultiHeadLSTM, MultiHeadLSTMConfig
     from .native import kernel_status
 
     __all__ = [
+        "GatedLinearAttention",
+        "LinearAttentionConfig",
         "MultiHeadGRU",
         "MultiHeadGRUConfig",
         "MultiHeadLSTM",
