@@ -105,15 +105,18 @@ class DecodingForm(Protocol):
     """Single-step (decoding) interface of a causal replacement: state in, state out.
 
     ``init_state(mixer, batch)`` gives the empty state, ``step(mixer, x_t, state) -> (y_t, state)``
-    advances one token, ``prefill(mixer, x, mask) -> (y, state)`` runs a prompt. A replacement
-    without one has ``decoding=None`` in its record.
+    advances one token (``x_t`` [B, 1, D]), ``prefill(mixer, x, mask, state=None) -> (y, state)``
+    runs a prompt (or a chunk after ``state``) and returns the state after its last token, equal to
+    what the sequence form computes (pads in ``mask`` treated as the sequence form treats them). A
+    state is a tuple of tensors with the batch first (caches reorder and select rows on dim 0).
+    ``surgery.decoding`` keeps the states. A replacement without one has ``decoding=None``.
     """
 
     def init_state(self, mixer: nn.Module, batch: int) -> Any: ...
 
     def step(self, mixer: nn.Module, x_t: Any, state: Any) -> tuple[Any, Any]: ...
 
-    def prefill(self, mixer: nn.Module, x: Any, mask: Any) -> tuple[Any, Any]: ...
+    def prefill(self, mixer: nn.Module, x: Any, mask: Any, state: Any = None) -> tuple[Any, Any]: ...
 
 
 @dataclass(frozen=True)
