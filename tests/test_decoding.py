@@ -145,3 +145,29 @@ def test_stateful_refuses_a_site_without_a_decoding_form():
         with surgery.decoding.stateful(model):
             pass
     assert len(str(error.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["mhlstm", "gru"])
+def test_pruned_heads_of_different_sizes_decode(name):
+    torch.manual_seed(0)
+    spec = get_replacement(name)
+    mixer = spec.build(MixerShape(16, 16, 4, causal=True), {"hidden_per_head": 8}).eval()
+    pruner = spec.make_pruner()
+    bundles = pruner.unit_bundles(mixer, "mixer")
+    bundles[0].apply([[0, 1, 2]])
+    bundles[2].apply([[5]])
+    pruner.prune_out_channels(mixer, [0, 1])  # head 0 keeps 2 of its 4 output channels
+    assert [h.rnn.hidden_size for h in mixer.heads] == [5, 8, 7, 8]
+    x = torch.randn(2, 9, 16)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :2] = False
+    with torch.no_grad():
+        full = mixer(x, mask)
+        y, state = spec.decoding.prefill(mixer, x[:, :4], mask[:, :4])
+        outputs = [y]
+        for i in range(4, 9):
+            y_t, state = spec.decoding.step(mixer, x[:, i:i + 1], state)
+            outputs.append(y_t)
+    got = torch.cat(outputs, 1)
+    assert got.shape == full.shape == (2, 9, 14)
+    torch.testing.assert_close(got[mask], full[mask], atol=1e-5, rtol=1e-5)
