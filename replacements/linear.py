@@ -2,7 +2,8 @@
 
 Everything of ``linear`` lives here: config, module (chunked parallel training form; causal sites
 carry a fixed-size state, encoder sites are bidirectional), decoding form, the reader of the
-original attention's q/k/v weights and the teacher-derived start that copies them.
+original attention's q/k/v weights and the teacher-derived start that copies them, the pruner
+(feature-map width) and the resize on load.
 
 Per head h, with a learned feature map ``phi`` (Hedgehog: ``[softmax(z), softmax(-z)]`` of a
 per-head linear map ``z = x W_h + b_h`` started at the identity; or ``elu(z) + 1``) and, optionally,
@@ -26,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import PruningError, SurgeryError
 from surgery.registry import MixerShape, ReplacementConfig, TeacherEvidence, register_replacement
+from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
 
 FEATURE_MAPS = ("hedgehog", "elu")
 _EPS = 1e-6
@@ -131,6 +133,55 @@ class GatedLinearAttentionDecoding:
              state: tuple[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
         """One token ``x_t`` [B, 1, D] -> (output [B, 1, C], new state)."""
         return self.prefill(mixer, x_t, None, state)
+
+
+class GatedLinearAttentionPruner(ReplacementPruner):
+    """Prunes ``GatedLinearAttention``: its unit is one column f of the learned feature maps, shared
+    by every head's query and key map (column f of ``q_map``/``k_map``, entry f of their biases), so
+    the state shrinks with it. External channels (torch-pruning's view): inputs = the columns of
+    ``q``, ``k`` and ``v``; outputs (the heads' value widths) are not pruned.
+    """
+
+    input_layer = None  # three Linears read the input; handled below
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.q.in_features
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        for linear in (layer.q, layer.k, layer.v):
+            cut_linear(linear, idxs, dim=1)
+        return layer
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise PruningError("linear's output channels (each head's value width) are not prunable; prune its "
+                           "feature-map width (the unit bundles) instead")
+
+    def unit_bundles(self, layer: nn.Module, name: str) -> list[Bundle]:
+        width = layer.q_map.shape[-1]
+        rows = torch.arange(width).unsqueeze(1)
+        parts = [("q_map", 2, rows), ("k_map", 2, rows), ("q_map_bias", 1, rows), ("k_map_bias", 1, rows)]
+        sets = [UnitSet("features", width, parts)]
+
+        def score(criterion):
+            return [score_units(layer, s, criterion) for s in sets]
+
+        def apply(removed):
+            if len(removed[0]) >= width:
+                raise PruningError(f"{name}: pruning would remove every feature of the map; lower the ratio")
+            shrink(layer, sets, removed)
+
+        return [Bundle(name, "linear", width, score, apply, modules=[layer], set_names=["features"], owner=layer,
+                       unit_sets=sets)]
+
+
+def resize(mixer: "GatedLinearAttention", shapes: dict[str, tuple]) -> None:
+    """Rebuild the mixer at its saved (pruned) sizes; weights load afterwards."""
+    reference = mixer.q.weight
+    for name in ("q", "k", "v"):
+        outputs, inputs = shapes[f"{name}.weight"]
+        setattr(mixer, name, nn.Linear(inputs, outputs, bias=f"{name}.bias" in shapes).to(reference))
+    for name in ("q_map", "k_map", "q_map_bias", "k_map_bias"):
+        setattr(mixer, name, nn.Parameter(reference.new_zeros(shapes[name])))
 
 
 def _conv1d_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -256,8 +307,8 @@ def copy_attention_weights(model: nn.Module) -> list[str]:
     return done
 
 
-@register_replacement("linear", config=LinearAttentionConfig, init_from_teacher=init_from_teacher,
-                      decoding=GatedLinearAttentionDecoding())
+@register_replacement("linear", config=LinearAttentionConfig, pruner=GatedLinearAttentionPruner,
+                      init_from_teacher=init_from_teacher, resize=resize, decoding=GatedLinearAttentionDecoding())
 class GatedLinearAttention(nn.Module):
     """Linear attention from the site's own q/k/v with a learned feature map and optional per-head decay."""
 
@@ -343,5 +394,6 @@ class GatedLinearAttention(nn.Module):
                 f"features={self.feature_count}, decay={c.decay}, causal={self.shape.causal}")
 
 
-__all__ = ["GatedLinearAttention", "GatedLinearAttentionDecoding", "LinearAttentionConfig", "attention_projections",
+__all__ = ["GatedLinearAttention", "GatedLinearAttentionDecoding", "GatedLinearAttentionPruner",
+           "LinearAttentionConfig", "attention_projections",
            "copy_attention_weights", "copy_projections", "causal_chunks"]

@@ -230,3 +230,41 @@ def test_replace_distill_save_load_and_cached_generate(family, tmp_path):
     assert loaded.generation_config.use_cache is True  # every replaced site decodes
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(torch.stack(cached.logits, 1), torch.stack(uncached.logits, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_feature_width_shrinks_the_state_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    inputs = {"input_ids": ids(2, 8)}
+    surgery.replace_attention(model, "linear", inputs, config={"decay": True})
+    surgery.finalize(model)
+    report = surgery.prune(model, inputs, ratio=0.5, scope="all", measure_flops=False)
+    kinds = {row[1] for row in report.rows()}
+    assert "linear" in kinds
+    mixers = [model.get_submodule(f"encoder.layer.{i}.attention.self").mixer for i in range(2)]
+    assert sum(m.q_map.shape[-1] for m in mixers) < 16  # 8 features per map before
+    assert all(m.q_map.shape[-1] == m.k_map.shape[-1] == m.q_map_bias.shape[-1] >= 1 for m in mixers)
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+    surgery.save(model, tmp_path / "pruned")
+    loaded = surgery.load(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).last_hidden_state, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_pruned_causal_mixer_still_decodes_as_its_sequence_form():
+    mixer = _mixer(True, True, kv_heads=2)
+    pruner = get_replacement("linear").make_pruner()
+    (bundle,) = pruner.unit_bundles(mixer, "mixer")
+    assert bundle.size == 5 and bundle.kind == "linear"
+    bundle.apply([[0, 3]])
+    assert mixer.q_map.shape == (4, 4, 3) and mixer.k_map.shape == (2, 4, 3) and mixer.feature_count == 6
+    form = get_replacement("linear").decoding
+    x = torch.randn(2, 7, 12, dtype=torch.double)
+    with torch.no_grad():
+        y, state = form.prefill(mixer, x[:, :4])
+        y_t, _ = form.step(mixer, x[:, 4:5], state)
+        torch.testing.assert_close(torch.cat([y, y_t], 1), mixer(x[:, :5]), atol=1e-10, rtol=1e-9)
+    with pytest.raises(SurgeryError, match="every feature"):
+        bundle2 = pruner.unit_bundles(mixer, "mixer")[0]
+        bundle2.apply([[0, 1, 2]])
