@@ -483,7 +483,8 @@ class RecurrentDecoding:
              state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """One token ``x_t`` [B, 1, D] -> (output [B, 1, C], new state)."""
         lstm = self._check(mixer)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in mixer.parameters()):
+        if _tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in mixer.parameters())):
+            # a tracer (torch.export) records the per-head networks; the packed weights are a cache
             return self.prefill(mixer, x_t, None, state)
         fast = _step_form(mixer)
         x = fast.pre_proj(x_t[:, 0])                                 # [B, width]

@@ -151,15 +151,17 @@ class DecodingState:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._sites: dict[nn.Module, tuple | None] = {}
-        self._seen: dict[nn.Module, int] = {}
+        # keyed by site name: a tracer (torch.export) may run copies of the site modules
+        self._sites: dict[str, tuple | None] = {}
+        self._seen: dict[str, int] = {}
+        self._wrappers: dict[str, nn.Module] = {}
         for module in model.modules():
             if getattr(module, "is_replaced_site", False):
                 if decoding_form(module) is None:
                     raise _fix(module.site.name, f"({module.replacement!r}, causal={module.site.causal}) has no "
                                "decoding form: only causal sites of replacements with one decode token by token")
-                self._sites[module] = None
-                self._seen[module] = 0
+                name = module.site.name
+                self._sites[name], self._seen[name], self._wrappers[name] = None, 0, module
         if not self._sites:
             raise SurgeryError(f"{type(model).__name__} has no replaced sites; replace its attention first "
                                "(surgery.replace_attention)")
@@ -272,17 +274,20 @@ def site_call(wrapper: nn.Module, hidden: torch.Tensor, valid: torch.Tensor | No
         valid: the padding mask the site read for these N tokens (None = none, or not of length N).
         kwargs: the call's keyword arguments (cache, mask, positions).
     """
-    session = _ACTIVE.get()
-    if session is not None and wrapper in session._sites:
+    # a DecodeStep pins its session on the sites (a tracer may run the model outside this context)
+    pinned = wrapper.__dict__.get("_surgery_session")
+    session = pinned or _ACTIVE.get()
+    key = wrapper.site.name
+    if session is not None and key in session._sites and (pinned is not None or session._wrappers[key] is wrapper):
         form = decoding_form(wrapper)
-        state = session._sites[wrapper]
+        state = session._sites[key]
         if state is not None and state[0].shape[0] != hidden.shape[0]:
             raise _fix(wrapper.site.name, f"holds states for a batch of {state[0].shape[0]}, got {hidden.shape[0]} "
                        "rows; state.reset() for a new batch, or state.select(rows) to keep some")
         with torch.no_grad():
             output, state = _run(form, wrapper.mixer, hidden, valid, state)
-        session._sites[wrapper] = state
-        session._seen[wrapper] += hidden.shape[1]
+        session._sites[key] = state
+        session._seen[key] += hidden.shape[1]
         return output
     cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
     if cache is None or not hasattr(_hf_layers(cache), "layers"):
@@ -357,3 +362,57 @@ def state_bytes(cache: Any) -> int:
         if isinstance(layer, layer_class) and layer.state:
             total += sum(s.numel() * s.element_size() for s in layer.state)
     return total
+
+
+# ------------------------------------------------------------------------- an exportable step
+
+class DecodeStep(nn.Module):
+    """One decode step of a replaced plain-PyTorch causal model with its states as explicit tensors:
+    ``forward(x_t, *states) -> (y_t, *new_states)``, for ``torch.export`` / ONNX (the states are
+    graph inputs and outputs, so a runtime carries them between calls).
+
+    Args:
+        model: a model whose token mixers are all replaced causal sites (as for ``stateful``).
+
+    Example:
+        >>> import torch, surgery
+        >>> layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+        >>> model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+        >>> mask = torch.nn.Transformer.generate_square_subsequent_mask(4)
+        >>> _ = surgery.replace_attention(model, "gru", ((torch.randn(1, 4, 16),), {"mask": mask, "is_causal": True}))
+        >>> step = surgery.decoding.DecodeStep(model)
+        >>> y, *states = step(torch.randn(1, 1, 16), *step.initial_states(1))
+        >>> y.shape, len(states)
+        (torch.Size([1, 1, 16]), 1)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        probe = DecodingState(model)
+        self._sites = list(probe._wrappers.values())
+        self._counts = []
+        for wrapper in self._sites:
+            self._counts.append(len(decoding_form(wrapper).init_state(wrapper.mixer, 1)))
+
+    def initial_states(self, batch: int) -> list[torch.Tensor]:
+        """The empty states, flat, in the order ``forward`` takes them."""
+        return [s for wrapper in self._sites for s in decoding_form(wrapper).init_state(wrapper.mixer, batch)]
+
+    def forward(self, x_t: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(states) != sum(self._counts):
+            raise SurgeryError(f"DecodeStep takes {sum(self._counts)} state tensors after the input, got {len(states)}; "
+                               "start from step.initial_states(batch)")
+        session = DecodingState(self.model)
+        offset = 0
+        for wrapper, count in zip(self._sites, self._counts):
+            session._sites[wrapper.site.name] = tuple(states[offset:offset + count])
+            offset += count
+        for wrapper in self._sites:
+            object.__setattr__(wrapper, "_surgery_session", session)
+        try:
+            y = self.model(x_t)
+        finally:
+            for wrapper in self._sites:
+                wrapper.__dict__.pop("_surgery_session", None)
+        return (y, *[s for wrapper in self._sites for s in session._sites[wrapper.site.name]])

@@ -171,3 +171,29 @@ def test_pruned_heads_of_different_sizes_decode(name):
     got = torch.cat(outputs, 1)
     assert got.shape == full.shape == (2, 9, 14)
     torch.testing.assert_close(got[mask], full[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv"])
+def test_exported_decode_step_with_explicit_states_matches_for_16_steps(replacement):
+    model = _causal_stack(replacement, seed=4)
+    step = surgery.decoding.DecodeStep(model).eval()
+    states = step.initial_states(1)
+    x = torch.randn(1, 16, 16)
+    with torch.no_grad():
+        with surgery.decoding.stateful(model):
+            reference = torch.cat([model(x[:, i:i + 1]) for i in range(16)], 1)
+        program = torch.export.export(step, (x[:, :1], *states), strict=False)
+        assert len(program.graph_signature.user_inputs) == 1 + len(states)
+        assert len(program.graph_signature.user_outputs) == 1 + len(states)
+        run, outputs = program.module(), []
+        for i in range(16):
+            y, *states = run(x[:, i:i + 1], *states)
+            outputs.append(y)
+    torch.testing.assert_close(torch.cat(outputs, 1), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_step_refuses_a_wrong_number_of_states():
+    step = surgery.decoding.DecodeStep(_causal_stack("mhlstm"))
+    with pytest.raises(surgery.SurgeryError, match="takes 4 state tensors") as error:
+        step(torch.randn(1, 1, 16))
+    assert len(str(error.value).splitlines()) == 1
