@@ -267,6 +267,12 @@ class FolderBatches:
             yield Labelled(images, labels)
 
 
+#: DeiT's RandAugment, with magnitudes clipped at 9 (``mmax9``): with ``mstd0.5`` a sampled magnitude
+#: of 10 gives PosterizeIncreasing 0 bits, which Pillow >= 11 refuses (ValueError in a loader worker,
+#: at random). At 9 posterize keeps at least 1 bit; magnitudes above 9 are drawn ~2% of the time.
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
+
+
 def deit_data(config: DeitConfig, model: nn.Module) -> tuple[FolderBatches, FolderBatches, int]:
     """Training and validation batches for ``model`` through timm's pipeline; also the class count."""
     from timm.data import ImageDataset, create_transform, resolve_data_config
@@ -275,7 +281,7 @@ def deit_data(config: DeitConfig, model: nn.Module) -> tuple[FolderBatches, Fold
     common = {"input_size": data_config["input_size"], "interpolation": data_config["interpolation"],
               "mean": data_config["mean"], "std": data_config["std"]}
     if config.augment:
-        train_transform = create_transform(**common, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+        train_transform = create_transform(**common, is_training=True, auto_augment=RAND_AUGMENT,
                                            re_prob=0.25, re_mode="pixel", re_count=1, color_jitter=0.4)
     else:
         train_transform = create_transform(**common, is_training=False, crop_pct=data_config["crop_pct"])
