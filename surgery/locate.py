@@ -447,10 +447,17 @@ def _probe(model: nn.Module, candidates: list[_Candidate], args, kwargs) -> dict
                     call.out_proj_width = int(a[0].shape[-1])
 
             handles.append(proj.register_forward_pre_hook(proj_pre))
+    run_example(model, args, kwargs, handles, observer)
+    return calls
+
+
+def run_example(model: nn.Module, args: tuple, kwargs: dict, handles: list, observer: Any = None) -> None:
+    """Run ``model`` once in eval mode without grad on the example inputs, then remove ``handles``
+    and restore the training mode; a failure is one ``SurgeryError`` line."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), observer:
+        with torch.no_grad(), (observer if observer is not None else contextlib.nullcontext()):
             model(*args, **without_cache(model, kwargs))
     except Exception as error:
         raise SurgeryError(
@@ -461,7 +468,6 @@ def _probe(model: nn.Module, candidates: list[_Candidate], args, kwargs) -> dict
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return calls
 
 
 def _child(module: nn.Module, path: str | None) -> nn.Module | None:

@@ -11,8 +11,8 @@ from torch import nn
 
 from surgery.decoding import decoding_form, site_call
 from surgery.errors import NoAttentionFoundError, SurgeryError, UnsupportedSiteError
-from surgery.inputs import as_args_kwargs, default_example_inputs, without_cache
-from surgery.locate import _Call, _causal_probe, _first_tensor, _hidden_states, find_attention
+from surgery.inputs import as_args_kwargs, default_example_inputs
+from surgery.locate import _Call, _causal_probe, _first_tensor, _hidden_states, find_attention, run_example
 from surgery.registry import MixerShape, Replacement, ReplacementConfig, get_replacement
 from surgery.sites import AttentionSite, SkippedSite
 
@@ -301,20 +301,7 @@ def _record_site_calls(model: nn.Module, names: list[str], args: tuple, kwargs: 
             calls.setdefault(name, _Call(a, kw, out))
 
         handles.append(model.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*args, **without_cache(model, kwargs))
-    except Exception as error:
-        raise SurgeryError(
-            f"the model failed on the example inputs ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}); pass inputs the model's forward accepts"
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    run_example(model, args, kwargs, handles)
     return calls
 
 
