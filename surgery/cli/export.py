@@ -27,6 +27,7 @@ def export_command(
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: the exporter's).")] = None,
     atol: Annotated[float, typer.Option(help="Absolute tolerance of the check.")] = 1e-4,
     rtol: Annotated[float, typer.Option(help="Relative tolerance of the check.")] = 1e-4,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out when it already exists.")] = False,
     allow_code: AllowCodeOption = False,
     plugin: PluginOption = None,
     json_output: JsonOption = False,
@@ -34,7 +35,7 @@ def export_command(
     """Export a saved model (originals dropped) and verify the artifact against PyTorch."""
     load_plugins(plugin)
     from surgery.checkpoint import check_writable, load, storage_error
-    from surgery.errors import ExportError, ManifestError
+    from surgery.errors import ExportError, ManifestError, OutputExistsError
     from surgery.export import FORMATS, export
     from surgery.inputs import default_example_inputs
     from surgery.swap import finalize
@@ -43,6 +44,8 @@ def export_command(
         raise ExportError(f"unknown --format {format!r}; choose one of {', '.join(FORMATS)}")
     if not run.is_dir():
         raise ManifestError(f"{run} is not a saved model directory; pass one written by `surgery replace`")
+    if out.exists() and not out.is_dir() and not overwrite:
+        raise OutputExistsError(f"--out {out} exists; give another file name or add --overwrite to replace it")
     check_writable(out)  # before the model is loaded and exported
     model = finalize(load(run, allow_code=allow_code))
     try:

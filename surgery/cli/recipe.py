@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from surgery.cli.common import JsonOption, QuietOption, err_console, guarded, print_json, print_table
+from surgery.cli.common import JsonOption, OverwriteOption, QuietOption, err_console, guarded, print_json, print_table
+
+#: written into a recipe's --out when it starts: which recipe owns the directory (a rerun resumes it)
+MARKER = "recipe.json"
 
 
 def register(app: typer.Typer) -> None:
@@ -75,6 +79,10 @@ def _command(recipe):
             option = typer.Option(_option_name(field.name), help=helps.get(field.name, ""))
         parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                             annotation=Annotated[annotation, option]))
+    parameters.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                        annotation=Annotated[bool, typer.Option(
+                                            "--overwrite", help="Run in --out even when it holds files that are "
+                                            "not this recipe's run (they stay; the recipe writes its own folders).")]))
     parameters.append(inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, default=False,
                                         annotation=JsonOption))
     parameters.append(inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False,
@@ -84,8 +92,10 @@ def _command(recipe):
         out = values.pop("out")
         json_output = values.pop("json_output")
         quiet = values.pop("quiet")
-        # every check (settings, data folder, checkpoint) happens in make_config, before any work
+        overwrite = values.pop("overwrite")
+        # every check (settings, data folder, checkpoint, the run directory) happens before any work
         config = recipe.make_config(**values)
+        claim_run_directory(out, recipe.name, overwrite=overwrite)
 
         def log(message: str) -> None:
             if not quiet:
@@ -103,3 +113,49 @@ def _command(recipe):
     command.__name__ = f"recipe_{recipe.name}"
     command.__doc__ = recipe.description
     return command
+
+
+def claim_run_directory(out: Path, name: str, *, overwrite: bool = False) -> None:
+    """Make ``out`` recipe ``name``'s run directory, or refuse in one line before any work.
+
+    A missing or empty directory, or one this recipe started earlier (its ``recipe.json``, or the
+    ``report.json`` of a finished run), is fine: the rerun resumes it. Another recipe's run is always
+    refused (its stages would be mixed with this one's). A directory holding other files is refused
+    unless ``overwrite`` (the files stay). A file where the directory should be is refused.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp()) / "run"
+        >>> claim_run_directory(out, "mnist")
+        >>> json.loads((out / MARKER).read_text())["recipe"]
+        'mnist'
+        >>> claim_run_directory(out, "minilm")
+        Traceback (most recent call last):
+        ...
+        surgery.errors.OutputExistsError: --out ... is a 'mnist' recipe run; give another --out for 'minilm'
+    """
+    from surgery.checkpoint import LOCK, atomic_write
+    from surgery.errors import OutputExistsError, StorageError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise StorageError(f"--out {out} is a file, not a directory; give a directory path")
+    owner = None
+    if out.is_dir():
+        for marker in (MARKER, "report.json"):
+            try:
+                owner = json.loads((out / marker).read_text()).get("recipe")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if owner:
+                break
+        entries = [e.name for e in out.iterdir() if e.name != LOCK and not e.name.startswith(".")]
+        if owner is not None and owner != name:
+            raise OutputExistsError(f"--out {out} is a {owner!r} recipe run; give another --out for {name!r}")
+        if owner is None and entries and not overwrite:
+            raise OutputExistsError(f"--out {out} holds other files ({', '.join(sorted(entries)[:3])}"
+                                    f"{', ...' if len(entries) > 3 else ''}); give an empty or new directory, "
+                                    "or add --overwrite to run beside them")
+    if owner is None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / MARKER, lambda f: f.write(json.dumps({"recipe": name}).encode()))
