@@ -19,7 +19,7 @@ from surgery.errors import (
 from surgery.locate import find_attention
 from surgery.prune import PruneReport, prune
 from surgery.registry import MixerShape, ReplacementConfig, list_replacements, register_replacement
-from surgery.sites import AttentionSite
+from surgery.sites import AttentionSite, SiteList, SkippedSite
 from surgery.swap import (
     ReplacedAttention,
     ReplacementReport,
@@ -44,6 +44,8 @@ __all__ = [
     "ReplacedAttention",
     "ReplacementConfig",
     "ReplacementReport",
+    "SiteList",
+    "SkippedSite",
     "SurgeryError",
     "UnknownNameError",
     "UnsupportedSiteError",
