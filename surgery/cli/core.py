@@ -28,23 +28,27 @@ def register(app: typer.Typer) -> None:
 
 def list_command(plugin: PluginOption = None, json_output: JsonOption = False) -> None:
     """List replacements, recipes and model aliases."""
-    from surgery.models import ALIASES
+    import importlib.util
+
+    from surgery.models import ALIASES, BUNDLED
     from surgery.registry import get_replacement, list_replacements
 
     load_plugins(plugin)
     replacements = [{"name": n, "description": get_replacement(n).description,
                      "settings": get_replacement(n).config_class().to_dict()} for n in list_replacements()]
     recipes = _recipes()
+    bundled = {name: {"model": what, "installed": importlib.util.find_spec(package) is not None}
+               for name, (what, package) in BUNDLED.items()}
     if json_output:
-        print_json({"replacements": replacements, "recipes": recipes, "aliases": ALIASES})
+        print_json({"replacements": replacements, "recipes": recipes, "aliases": ALIASES, "bundled": bundled})
         return
     print_table("Replacements", ["name", "description", "settings"],
                 [[r["name"], r["description"], ", ".join(f"{k}={v}" for k, v in r["settings"].items())]
                  for r in replacements])
     if recipes:
         print_table("Recipes", ["name", "description"], [[r["name"], r["description"]] for r in recipes])
-    print_table("Model aliases", ["alias", "timm model"], [[k, v] for k, v in ALIASES.items()]
-                + [["minilm", "bundled all-MiniLM-L6-v2 (HuggingFace BERT)"]])
+    print_table("Model aliases", ["alias", "model"], [[k, f"timm {v}"] for k, v in ALIASES.items()]
+                + [[k, v["model"] + ("" if v["installed"] else " (package not installed)")] for k, v in bundled.items()])
 
 
 def recipe_defaults(model: str) -> tuple[str, dict[str, Any]] | None:
