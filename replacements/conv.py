@@ -6,6 +6,7 @@ mode without gradients), pruner, teacher-derived start, resize on load, inferenc
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +109,9 @@ def resize(mixer: "TokenConvolution", shapes: dict[str, tuple]) -> None:
 
 
 def inference_form(mixer: "TokenConvolution", *, use_kernel: bool | None = None) -> nn.Module:
-    """The registry's ``inference_form`` hook: a separate ``FastTokenConvolution`` (no native kernel)."""
+    """The registry's ``inference_form`` hook: packs the mixer's kernels now (eval mode runs its
+    inference form by itself) and returns it as a separate ``FastTokenConvolution``."""
+    _packed_kernels(mixer, mixer.pre_proj.weight.new_empty(1, 1, 1))
     return FastTokenConvolution(mixer)
 
 
@@ -177,27 +180,138 @@ class TokenConvolution(nn.Module):
         return (k - 1, 0) if self.shape.causal else ((k - 1) // 2, k // 2)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.pre_proj(x)
-        keep = None if padding_mask is None else padding_mask.unsqueeze(1).to(x.dtype)
-        y = x.transpose(1, 2)
-        left, right = self._pad()
-        # inference form: symmetric padding done inside the convolution (oneDNN pads in the kernel,
-        # no padded copy of the sequence); same function, so training keeps the explicit pad
-        inside = left == right and not self.training and not torch.is_grad_enabled() and not using_reference_forms()
-        for conv in self.convs:
-            if keep is not None:
-                y = y * keep
-            if inside:
-                z = F.conv1d(y, conv.weight, conv.bias, padding=left, groups=conv.groups)
-            else:
-                z = conv(F.pad(y, (left, right)))
-            y = F.gelu(z) + y
-        return self.out(y.transpose(1, 2))
+        """The same function in the form that fits the moment: the inference form (tokens-last
+        layout, oneDNN depthwise convolution with the GELU fused, packed kernels) in eval mode
+        without gradients on CPU float32; the reference form (the plain modules) when training,
+        under a tracer, inside ``surgery.registry.reference_forms()`` and on other devices/dtypes."""
+        if not self.training and not torch.is_grad_enabled() and not using_reference_forms() and not _tracing():
+            packs = _packed_kernels(self, x)
+            if packs is not None:
+                return _fast_forward(self.pre_proj, self.convs, self.out, self._pad(), packs, x, padding_mask)
+        return self.reference_forward(x, padding_mask)
+
+    def reference_forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference (training) form: ``[B, C, N]`` layout, explicit zero padding, ``nn.Conv1d``."""
+        return _reference_forward(self.pre_proj, self.convs, self.out, self._pad(), x, padding_mask)
+
+
+def _reference_forward(pre_proj: nn.Module, convs: nn.ModuleList, out: nn.Module, pads: tuple[int, int],
+                       x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    x = pre_proj(x)
+    keep = None if padding_mask is None else padding_mask.unsqueeze(1).to(x.dtype)
+    y = x.transpose(1, 2)
+    for conv in convs:
+        if keep is not None:
+            y = y * keep
+        y = F.gelu(conv(F.pad(y, pads))) + y
+    return out(y.transpose(1, 2))
+
+
+# ------------------------------------------------------------------------------- inference form
+#
+# Profiled at DeiT-T size (197 tokens, 192 channels, kernel 7, batch 1, 1 thread) the reference form
+# spent most of its mixer time outside the matmuls: per depthwise layer a [B, C, N] conv1d (oneDNN
+# reorders the transposed input and the weight at every call), an unfused erf GELU over the whole
+# activation and a residual add, then a copy back to [B, N, C] for the output Linear. The inference
+# form keeps the tokens-last layout throughout: a [B, N, C] tensor viewed as [B, C, 1, N] is
+# channels-last, which oneDNN's depthwise kernel reads directly; the weight is reordered once; the
+# GELU runs as the convolution's post-op; the residual is added in place. The two stacked convolutions
+# cannot merge (a GELU lies between them), and ``out`` cannot merge with ``pre_proj`` for the same
+# reason; ``FastTokenConvolution(projection=...)`` multiplies a following projection into ``out``.
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+_FUSED: dict[str, bool] = {}  # "available": oneDNN's fused convolution op runs here and agrees (probed once)
+# mixer -> (key, packed kernels); outside the module so deepcopy, pickling and state_dict never see
+# the packed (opaque oneDNN) tensors, and a copied mixer packs its own
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _tracing() -> bool:
+    """True under a tracer or compiler (JIT trace for FLOP counting, torch.export, dynamo)."""
+    return bool(torch.jit.is_tracing() or _is_exporting() or torch.compiler.is_compiling())
+
+
+def _pack(kernel: torch.Tensor) -> torch.Tensor:
+    """A ``[C, 1, 1, k]`` depthwise kernel in oneDNN's own layout (reordered once, not per call)."""
+    channels = kernel.shape[0]
+    return torch.ops.mkldnn._reorder_convolution_weight(kernel, [0, 0], [1, 1], [1, 1], channels,
+                                                        [1, channels, 1, 256])
+
+
+def _fused(y: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    return torch.ops.mkldnn._convolution_pointwise(y, kernel, bias, [0, padding], [1, 1], [1, 1], y.shape[1],
+                                                   "gelu", [], "none")
+
+
+def _unfused(y: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+    return F.gelu(F.conv2d(y, kernel, bias, padding=(0, padding), groups=y.shape[1]))
+
+
+def _fused_op_available() -> bool:
+    """Whether oneDNN's convolution with a GELU post-op runs in this build and matches conv2d + GELU
+    (probed once on a small case; builds without it, or where it disagrees, use the unfused ops)."""
+    if "available" not in _FUSED:
+        ok = False
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+            try:
+                generator = torch.Generator().manual_seed(0)
+                y = torch.randn(2, 11, 16, generator=generator).transpose(1, 2).unsqueeze(2)
+                kernel = torch.randn(16, 1, 1, 5, generator=generator)
+                bias = torch.randn(16, generator=generator)
+                with torch.no_grad():
+                    ok = bool(torch.allclose(_fused(y, _pack(kernel), bias, 2), _unfused(y, kernel, bias, 2),
+                                             atol=1e-5, rtol=1e-5))
+            except (RuntimeError, AttributeError, NotImplementedError):
+                ok = False
+        _FUSED["available"] = ok
+    return _FUSED["available"]
+
+
+def _packed_kernels(mixer: nn.Module, x: torch.Tensor) -> tuple[bool, list] | None:
+    """(fused, per depthwise convolution its ``[C, 1, 1, k]`` kernel, oneDNN-packed when fused),
+    cached on the mixer until a weight changes (an optimiser step, pruning, ``load_state_dict``: each
+    changes a tensor's version or storage). None where the inference form does not apply (not CPU
+    float32). Kept outside the module: nothing of it is saved or copied."""
+    weight = mixer.convs[0].weight
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 3:
+        return None
+    fused = _fused_op_available()
+    key = (fused, tuple((c.weight.data_ptr(), c.weight._version, tuple(c.weight.shape)) for c in mixer.convs))
+    cached = _PACKED.get(mixer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    kernels = [conv.weight.detach().unsqueeze(2).contiguous() for conv in mixer.convs]
+    packs = (fused, [_pack(k) for k in kernels] if fused else kernels)
+    _PACKED[mixer] = (key, packs)
+    return packs
+
+
+def _fast_forward(pre_proj: nn.Module, convs: nn.ModuleList, out: nn.Module, pads: tuple[int, int],
+                  packs: tuple[bool, list], x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mixer's function in the tokens-last layout (see the comment above)."""
+    fused, kernels = packs
+    depthwise_gelu = _fused if fused else _unfused
+    y = pre_proj(x)  # [B, N, C]
+    keep = None if padding_mask is None else padding_mask.unsqueeze(-1).to(y.dtype)
+    left, right = pads
+    for conv, kernel in zip(convs, kernels):
+        if keep is not None:
+            y = y * keep
+        if left == right:
+            window, padding = y, left
+        else:  # causal (or an even kernel): pad the tokens once, the kernel pads nothing
+            window, padding = F.pad(y, (0, 0, left, right)), 0
+        bias = None if conv.bias is None else conv.bias.detach()
+        # [B, N, C] viewed as [B, C, 1, N] is channels-last: no copy in, none out
+        z = depthwise_gelu(window.transpose(1, 2).unsqueeze(2), kernel, bias, padding)
+        y = z.squeeze(2).transpose(1, 2).add_(y)  # z is a fresh tensor: adding in place is safe
+    return out(y)
 
 
 class FastTokenConvolution(nn.Module):
-    """Inference form of ``conv`` (``TokenConvolution``): padding done inside the convolution when
-    it is symmetric, and optionally the reused out-projection multiplied into the last Linear.
+    """Inference form of ``conv`` (``TokenConvolution``) as a separate module: the tokens-last fused
+    computation the mixer runs by itself in eval mode, and optionally a following projection
+    (the site's reused out-projection) multiplied into the output Linear.
 
     Args:
         source: the trained mixer (its pre-projection and convolutions are shared, not copied).
@@ -208,12 +322,13 @@ class FastTokenConvolution(nn.Module):
         >>> mixer = TokenConvolution(MixerShape(8, 8, 2, False), TokenConvolutionConfig()).eval()
         >>> x = torch.randn(1, 5, 8)
         >>> with torch.no_grad():
-        ...     torch.allclose(FastTokenConvolution(mixer)(x), mixer(x), atol=1e-6)
+        ...     torch.allclose(FastTokenConvolution(mixer)(x), mixer.reference_forward(x), atol=1e-6)
         True
     """
 
     def __init__(self, source: nn.Module, projection: nn.Linear | None = None) -> None:
         super().__init__()
+        self.source = [source]  # a list: not a submodule (its weights are shared, not duplicated)
         self.pre_proj = source.pre_proj
         self.convs = source.convs
         self.pads = source._pad()
@@ -231,16 +346,7 @@ class FastTokenConvolution(nn.Module):
         self.out.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.pre_proj(x)
-        keep = None if padding_mask is None else padding_mask.unsqueeze(1).to(x.dtype)
-        y = x.transpose(1, 2)
-        left, right = self.pads
-        for conv in self.convs:
-            if keep is not None:
-                y = y * keep
-            if left == right:  # oneDNN pads inside the kernel: no padded copy of the sequence
-                z = F.conv1d(y, conv.weight, conv.bias, padding=left, groups=conv.groups)
-            else:
-                z = conv(F.pad(y, (left, right)))
-            y = F.gelu(z) + y
-        return self.out(y.transpose(1, 2))
+        packs = None if torch.is_grad_enabled() else _packed_kernels(self.source[0], x)
+        if packs is None:  # gradients, or not CPU float32: the reference computation, this output map
+            return _reference_forward(self.pre_proj, self.convs, self.out, self.pads, x, padding_mask)
+        return _fast_forward(self.pre_proj, self.convs, self.out, self.pads, packs, x, padding_mask)

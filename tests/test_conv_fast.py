@@ -1,0 +1,152 @@
+"""conv's inference form (tokens-last, oneDNN depthwise convolution with the GELU fused) computes what
+its reference (training) form computes, within 1e-5 in float32, wherever eval mode runs it."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from models import build, main_tensor, run
+from surgery.fast import ReferenceForms
+from surgery.registry import MixerShape, reference_forms
+from surgery.replacements import conv as conv_module
+from surgery.replacements.conv import FastTokenConvolution, TokenConvolution, TokenConvolutionConfig
+
+TOLERANCE = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(params=["fused", "unfused"])
+def path(request, monkeypatch):
+    """Both inference paths: oneDNN's fused op (where this build has it) and conv2d + GELU."""
+    if request.param == "fused" and not conv_module._fused_op_available():
+        pytest.skip("this torch build has no oneDNN fused convolution (the unfused case still runs)")
+    monkeypatch.setitem(conv_module._FUSED, "available", request.param == "fused")
+    return request.param
+
+
+def _mixer(dim=24, causal=False, kernel=7, layers=2, seed=0) -> TokenConvolution:
+    torch.manual_seed(seed)
+    mixer = TokenConvolution(MixerShape(dim, dim, 3, causal), TokenConvolutionConfig(kernel, layers)).eval()
+    with torch.no_grad():  # a trained-looking mixer: non-zero kernels and biases of either sign
+        for conv in mixer.convs:
+            conv.weight.normal_(0, 0.3)
+            conv.bias.normal_(0, 0.3)
+    return mixer
+
+
+def _masks(batch: int, length: int) -> list[torch.Tensor | None]:
+    right = torch.ones(batch, length, dtype=torch.bool)
+    right[0, length - 3:] = False
+    left = torch.ones(batch, length, dtype=torch.bool)
+    left[-1, :2] = False
+    return [None, right, left]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel, layers", [(7, 2), (4, 1), (3, 3), (1, 1)])
+@pytest.mark.parametrize("batch, length", [(1, 197 // 8), (3, 10), (2, 1)])
+def test_inference_form_equals_the_reference_form(path, causal, kernel, layers, batch, length):
+    mixer = _mixer(causal=causal, kernel=kernel, layers=layers)
+    x = torch.randn(batch, length, 24) * 2
+    for mask in _masks(batch, length) if length > 3 else [None]:
+        with torch.inference_mode():
+            fast = mixer(x, mask)
+            expected = mixer.reference_forward(x, mask)
+            with reference_forms():
+                assert torch.equal(mixer(x, mask), expected)
+        torch.testing.assert_close(fast, expected, **TOLERANCE)
+        assert conv_module._PACKED[mixer][1][0] == (path == "fused")
+
+
+def test_the_fast_path_runs_only_in_eval_without_gradients():
+    mixer = _mixer()
+    x = torch.randn(2, 9, 24)
+    out = mixer.train()(x)
+    out.sum().backward()  # training form: gradients reach the kernels
+    assert mixer.convs[0].weight.grad is not None and mixer not in conv_module._PACKED
+    with torch.no_grad():
+        mixer.eval()(x)
+    assert mixer in conv_module._PACKED
+
+
+def test_cached_kernels_follow_weight_changes(path):
+    mixer = _mixer()
+    x = torch.randn(2, 11, 24)
+    with torch.inference_mode():
+        before = mixer(x)
+    with torch.no_grad():
+        mixer.convs[1].weight.mul_(-2)  # an optimiser step changes the version
+    with torch.inference_mode():
+        after = mixer(x)
+        torch.testing.assert_close(after, mixer.reference_forward(x), **TOLERANCE)
+    assert not torch.allclose(before, after)
+    mixer.load_state_dict(_mixer(seed=1).state_dict())  # new storage
+    with torch.inference_mode():
+        torch.testing.assert_close(mixer(x), mixer.reference_forward(x), **TOLERANCE)
+
+
+def test_pruned_width(path):
+    mixer = _mixer(dim=24)
+    shapes = {"pre_proj.weight": (10, 24), "pre_proj.bias": (10,), "out.weight": (24, 10), "out.bias": (24,),
+              "convs.0.weight": (10, 1, 7), "convs.0.bias": (10,), "convs.1.weight": (10, 1, 7),
+              "convs.1.bias": (10,)}
+    conv_module.resize(mixer, shapes)
+    x = torch.randn(2, 13, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(mixer(x), mixer.reference_forward(x), **TOLERANCE)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated; fvcore still uses it
+def test_tracer_sees_the_reference_form():
+    mixer = _mixer()
+    x = torch.randn(1, 8, 24)
+    with torch.no_grad():
+        traced = torch.jit.trace(mixer, (x,))
+    graph = str(traced.inlined_graph)
+    assert "_convolution_pointwise" not in graph and "aten::_convolution" in graph
+    torch.testing.assert_close(traced(x), mixer.reference_forward(x), **TOLERANCE)
+
+
+def test_fast_module_folds_a_following_projection(path):
+    mixer = _mixer()
+    projection = nn.Linear(24, 24)
+    x = torch.randn(2, 12, 24)
+    mask = _masks(2, 12)[1]
+    with torch.inference_mode():
+        expected = projection(mixer.reference_forward(x, mask))
+        torch.testing.assert_close(FastTokenConvolution(mixer, projection)(x, mask), expected, **TOLERANCE)
+        torch.testing.assert_close(FastTokenConvolution(mixer)(x, mask), mixer.reference_forward(x, mask),
+                                   **TOLERANCE)
+
+
+def test_other_dtypes_use_the_reference_form():
+    mixer = _mixer().double()
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    with torch.inference_mode():
+        assert torch.equal(mixer(x), mixer.reference_forward(x))
+    assert mixer not in conv_module._PACKED
+
+
+@pytest.mark.parametrize("case", ["timm_vit", "hand_written_causal", "hf_bert"])
+def test_whole_model_eval_equals_the_reference_form(path, case):
+    model, inputs = build(case)
+    surgery.replace_attention(model, "conv", inputs)
+    surgery.finalize(model)
+    if isinstance(inputs, dict):
+        inputs["attention_mask"][0, 9:] = 0
+    with torch.no_grad():
+        for wrapper in surgery.swap.replaced_sites(model):
+            for conv in wrapper.mixer.convs:
+                conv.weight.normal_(0, 0.3)
+    model.eval()
+    copy.deepcopy(model)  # packed kernels are not module state: copies (and pickles) still work
+    torch.save(model, io.BytesIO())
+    with torch.inference_mode():
+        expected = main_tensor(run(ReferenceForms(copy.deepcopy(model)), inputs))
+        got = main_tensor(run(model, inputs))
+    torch.testing.assert_close(got, expected, **TOLERANCE)
