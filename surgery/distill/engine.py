@@ -734,8 +734,9 @@ class _Trainer:
         from surgery.distill.init import initialise_from_teacher
 
         began = time.monotonic()
-        chosen = initialise_from_teacher(self.student, self.init_source(),
-                                         batches=config.init_batches, labelled=config.labelled)
+        # required: init="teacher" was asked for, so a model where no site can start is an error
+        chosen = initialise_from_teacher(self.student, self.init_source(), batches=config.init_batches,
+                                         labelled=config.labelled, progress=self.progress, required=True)
         self.progress.message(f"initialised {len(chosen)} sites from the teacher's value projections "
                               f"in {time.monotonic() - began:.0f} s (not counted in max_seconds)")
         if run is not None:
