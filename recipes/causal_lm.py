@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import os
 import re
 import shutil
 import time
@@ -88,6 +89,8 @@ class CausalLmConfig:
     continuation_tokens: int = 32
     prompt_tokens: int = 16
     answer_tokens: int = 40
+    decode_context: int = 2048
+    decode_steps: int = 8
     max_seconds: Optional[float] = None
     threads: Optional[int] = None
     seed: int = 0
@@ -129,6 +132,10 @@ class CausalLmConfig:
         "continuation_tokens": "teacher tokens each greedy continuation is compared on.",
         "prompt_tokens": "tokens of each continuation prompt.",
         "answer_tokens": "new tokens of the answers to the three real prompts (0 skips).",
+        "decode_context": "context (prompt tokens) at which greedy decode ms/token of the teacher (KV cache) and "
+                          "the student (states) is measured, batch 1, interleaved (0 skips; capped at the model's "
+                          "position limit).",
+        "decode_steps": "decode steps timed per model for decode_context (the first is a warm-up).",
         "max_seconds": "stop each distillation phase after this many seconds (after a checkpoint).",
         "threads": "torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine).",
         "seed": "seed of data order and initialisation.",
@@ -168,6 +175,8 @@ class CausalLmConfig:
                 or self.answer_tokens < 0:
             raise SurgeryError("prompt_tokens and continuation_tokens must be >= 1; continuation_prompts and "
                                "answer_tokens >= 0")
+        if self.decode_context < 0 or self.decode_steps < 2:
+            raise SurgeryError("decode_context must be >= 0 (0 skips the decode timing) and decode_steps >= 2")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise SurgeryError(f"device {self.device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
 
@@ -506,6 +515,51 @@ def answers(teacher: nn.Module, student: nn.Module, tokenizer, prompts: Iterable
 
 
 # ------------------------------------------------------------------------------------------- data
+def decode_speed(teacher: nn.Module, student: nn.Module, context: int, steps: int, seed: int = 0) -> dict | None:
+    """Greedy decode ms/token at ``context`` tokens: the teacher with its KV cache against the student
+    with its states (attention layers it kept use their KV cache), batch 1, interleaved step by step
+    (``surgery.decoding.time_decoding``, the code of ``benchmarks/decode.py``).
+
+    The context is capped at the model's position limit (``n_positions`` / ``max_position_embeddings``)
+    less the steps. Returns None for context 0.
+
+    Example:
+        >>> speed = decode_speed(teacher, student, 2048, 8)  # doctest: +SKIP
+        >>> speed["ratio"]  # doctest: +SKIP
+        0.83
+    """
+    from surgery.decoding import time_decoding
+
+    if not context:
+        return None
+    config = teacher.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    used = min(context, limit - steps - 1) if limit else context
+    generator = torch.Generator().manual_seed(seed)
+    device = next(teacher.parameters()).device
+    prompt = torch.randint(0, config.vocab_size, (1, used), generator=generator).to(device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rows = time_decoding({"teacher": teacher, "student": student}, prompt, steps)
+    teacher_ms, student_ms = rows["teacher"]["ms_per_token"], rows["student"]["ms_per_token"]
+    return {"context": used, "asked_context": context, "batch": 1, "steps": steps,
+            "teacher_ms_per_token": teacher_ms, "student_ms_per_token": student_ms,
+            "ratio": round(student_ms / teacher_ms, 3), "teacher_kv_bytes": rows["teacher"]["kv_bytes"],
+            "student_state_bytes": rows["student"]["state_bytes"],
+            "student_kv_bytes": rows["student"]["kv_bytes"], "threads": torch.get_num_threads(),
+            "loadavg_1min": round(load, 2) if load is not None else None}
+
+
+def decode_note(speed: dict | None) -> str:
+    """The report's line on decode speed (``decode_speed``'s result)."""
+    if not speed:
+        return "decode_ms_per_token: skipped (decode_context=0)"
+    kept = f" + {speed['student_kv_bytes'] / 2**20:.1f} MiB KV of kept attention" if speed["student_kv_bytes"] else ""
+    return (f"decode_ms_per_token: median greedy decode step after a {speed['context']}-token prompt, batch 1, "
+            f"teacher with its KV cache ({speed['teacher_kv_bytes'] / 2**20:.1f} MiB) vs student with its states "
+            f"({speed['student_state_bytes'] / 2**10:.0f} KiB{kept}), {speed['steps']} interleaved steps: "
+            f"student/teacher = {speed['ratio']:.2f} ({speed['threads']} threads, load average {speed['loadavg_1min']})")
+
+
 def held_out_pieces(model: nn.Module, data: str, seq_len: int) -> list[str]:
     """The held-out text as pieces of at most ``seq_len`` tokens: sentences of the held-out split
     that never occur in the training text, joined in order and cut at sentence ends."""
@@ -656,15 +710,20 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
         continuation = continuation_agreement(teacher, student, prompts.to(config.device), config.continuation_tokens,
                                               tokenizer.eos_token_id, pad)
     shown = answers(teacher, student, tokenizer, PROMPTS, config.answer_tokens) if config.answer_tokens else []
+    if config.decode_context:
+        log(f"timing greedy decode at {config.decode_context} tokens of context (teacher KV cache vs student)")
+    speed = decode_speed(teacher, student, config.decode_context, config.decode_steps, config.seed)
     rows = [{"model": "teacher (attention)", "layers_replaced": 0, "params": surgery.count_parameters(teacher),
              "heldout_perplexity": scores["teacher_perplexity"], "top1_agreement": 1.0, "mean_kl": 0.0,
              "continuation_match": 1.0 if continuation else None,
-             "continuation_prefix": float(config.continuation_tokens) if continuation else None, "seconds": 0.0},
+             "continuation_prefix": float(config.continuation_tokens) if continuation else None,
+             "decode_ms_per_token": speed["teacher_ms_per_token"] if speed else None, "seconds": 0.0},
             {"model": f"student ({config.replacement})", "layers_replaced": len(replaced),
              "params": surgery.count_parameters(student), "heldout_perplexity": scores["student_perplexity"],
              "top1_agreement": scores["top1_agreement"], "mean_kl": scores["mean_kl"],
              "continuation_match": continuation["match"] if continuation else None,
              "continuation_prefix": continuation["prefix"] if continuation else None,
+             "decode_ms_per_token": speed["student_ms_per_token"] if speed else None,
              "seconds": round(distill_seconds, 1)}]
     notes = [f"held-out: {scores['tokens']} tokens of the held-out split of {config.data} (sentences never in "
              f"the training text); perplexity = exp(mean next-token NLL)",
@@ -676,6 +735,7 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
              if continuation else "continuation: skipped",
              f"replaced layers: {', '.join(str(layer_number(n, i)) for i, n in enumerate(replaced))}"
              f"{f' (kept as attention: {len(kept)} by --keep-attention)' if kept else ''}",
+             decode_note(speed),
              f"seconds: wall time of distillation (with the ranking and curve when measured) in this run "
              f"({time.perf_counter() - began:.0f} s in all, with loading and measuring)"]
     if ranking:
@@ -688,8 +748,8 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
         notes.append(f"prompt {row['prompt']!r}: teacher {row['teacher']!r}; student {row['student']!r}")
     report = {"recipe": "causal-lm",
               "columns": ["model", "layers_replaced", "params", "heldout_perplexity", "top1_agreement", "mean_kl",
-                          "continuation_match", "continuation_prefix", "seconds"],
-              "rows": rows, "replaced_sites": replaced, "kept_sites": [s.name for s in kept],
+                          "continuation_match", "continuation_prefix", "decode_ms_per_token", "seconds"],
+              "rows": rows, "decode": speed, "replaced_sites": replaced, "kept_sites": [s.name for s in kept],
               "ranking": ranking, "curve": curve, "answers": shown, "config": asdict(config),
               "wall_seconds": round(time.perf_counter() - began, 1), "notes": notes}
     write_report(out_dir, report)

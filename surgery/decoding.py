@@ -83,6 +83,10 @@ def _layer_class() -> type:
             return tuple(self.recurrent_states[i] for i in range(self.number_of_states))
 
         def store(self, state: tuple[torch.Tensor, ...]) -> None:
+            if self.is_recurrent_states_initialized.get(0) and self.number_of_states == len(state) \
+                    and state[0].device == self.device and state[0].dtype == self.dtype:
+                self.recurrent_states = dict(enumerate(state))  # a decode step: only the tensors change
+                return
             self.number_of_states = len(state)
             self.recurrent_states = dict(enumerate(state))
             self.conv_states = dict.fromkeys(range(len(state)))
@@ -362,6 +366,143 @@ def state_bytes(cache: Any) -> int:
         if isinstance(layer, layer_class) and layer.state:
             total += sum(s.numel() * s.element_size() for s in layer.state)
     return total
+
+
+def kv_bytes(cache: Any) -> int:
+    """Bytes of the keys and values in a HuggingFace cache (replaced sites' states not counted)."""
+    total = 0
+    for layer in _hf_layers(cache).layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# ------------------------------------------------------------------------ measuring decode speed
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    return "cache" if _accepts(model, "cache") else "past_key_values"  # transformers 5.x renamed it
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def prefill(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
+    """Run a HuggingFace causal LM on a prompt with its cache on; what ``time_steps`` continues from.
+
+    Only the last position's logits are computed where the model takes ``logits_to_keep`` (a long
+    prompt's full logits would take vocabulary x tokens of memory).
+
+    Returns:
+        ``{"cache", "token": the greedy next token [B, 1], "prefill_s", "kv_bytes", "state_bytes",
+        "context": T, "batch": B}``.
+    """
+    import time
+
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    with torch.no_grad():
+        began = time.perf_counter()
+        out = model(input_ids=input_ids, use_cache=True, **extra)
+        seconds = time.perf_counter() - began
+    cache = _returned_cache(out)
+    if cache is None:
+        raise SurgeryError(f"{type(model).__name__} returned no cache from use_cache=True; decode timing "
+                           "measures decoding with the model's own cache")
+    return {"cache": cache, "token": out.logits[:, -1:].argmax(-1), "prefill_s": round(seconds, 3),
+            "kv_bytes": kv_bytes(cache), "state_bytes": state_bytes(cache),
+            "context": int(input_ids.shape[1]), "batch": int(input_ids.shape[0])}
+
+
+def time_steps(models: dict[str, nn.Module], prefilled: dict[str, dict], steps: int = 16,
+               batch: int | None = None) -> dict[str, dict]:
+    """Time ``steps`` greedy decode steps of each model from its ``prefill``, the models interleaved.
+
+    The models take turns at every step, so load on the machine hits them alike; the first step is
+    a warm-up, left out of the median. The prefilled caches are copied, never advanced, so one
+    prefill serves several calls.
+
+    Args:
+        models: name -> causal LM in eval mode.
+        prefilled: name -> what ``prefill`` returned for that model.
+        steps: decode steps per model (at least 2).
+        batch: decode this many rows, each a copy of the prefilled rows (``batch_repeat_interleave``
+            of the cache: a batch-1 prefill serves batch 8); None = the prefilled batch.
+
+    Returns:
+        name -> ``{"ms_per_token": median ms of steps 2.., "ms_steps", "prefill_s", "kv_bytes" and
+        "state_bytes" (of the cache decoded from, at this batch), "context", "batch", "generated": the
+        greedy tokens of row 0 (the prefill's next token, then one per step)}``.
+    """
+    import copy
+    import statistics
+    import time
+
+    if steps < 2:
+        raise SurgeryError(f"decode timing needs steps >= 2 (the first is a warm-up), got {steps}")
+    caches, tokens, rows = {}, {}, {}
+    for name in models:
+        start = prefilled[name]
+        cache, token = copy.deepcopy(start["cache"]), start["token"]
+        repeat = 1 if batch is None else batch // start["batch"]
+        if batch is not None and (batch < 1 or repeat * start["batch"] != batch):
+            raise SurgeryError(f"batch {batch} is not a multiple of the prefilled batch {start['batch']}")
+        if repeat > 1:
+            cache.batch_repeat_interleave(repeat)
+            token = token.repeat_interleave(repeat, dim=0)
+        caches[name], tokens[name] = cache, token
+        rows[name] = {"context": start["context"], "batch": start["batch"] * repeat, "prefill_s": start["prefill_s"],
+                      "kv_bytes": kv_bytes(cache), "state_bytes": state_bytes(cache), "ms_steps": [],
+                      "generated": [int(token[0, 0])]}
+    keywords = {name: _cache_keyword(model) for name, model in models.items()}
+    with torch.no_grad():
+        for _ in range(steps):
+            for name, model in models.items():
+                began = time.perf_counter()
+                out = model(input_ids=tokens[name], use_cache=True, **{keywords[name]: caches[name]})
+                rows[name]["ms_steps"].append(round(1000 * (time.perf_counter() - began), 3))
+                caches[name], tokens[name] = _returned_cache(out), out.logits[:, -1:].argmax(-1)
+                rows[name]["generated"].append(int(tokens[name][0, 0]))
+    for row in rows.values():
+        row["ms_per_token"] = round(statistics.median(row["ms_steps"][1:]), 3)
+    return rows
+
+
+def time_decoding(models: dict[str, nn.Module], input_ids: torch.Tensor, steps: int = 16) -> dict[str, dict]:
+    """Per-token greedy decode latency of HuggingFace causal LMs with their own caches, interleaved:
+    ``prefill`` each on ``input_ids``, then ``time_steps``.
+
+    Args:
+        models: name -> model in eval mode (e.g. ``{"attention": original, "mhlstm": replaced}``).
+        input_ids: the prompt [B, T] (the context the decode steps run after).
+        steps: decode steps timed per model (at least 2; the first is a warm-up).
+
+    Returns:
+        name -> ``{"ms_per_token", "ms_steps", "prefill_s", "kv_bytes", "state_bytes", "context", "batch"}``.
+
+    Example:
+        >>> import torch, transformers, surgery
+        >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+        >>> model = transformers.LlamaForCausalLM(config).eval()
+        >>> row = surgery.decoding.time_decoding({"attention": model}, torch.randint(0, 64, (1, 16)), steps=3)
+        >>> row["attention"]["kv_bytes"]  # 2 layers x (keys + values) x 1 KV head x 16 dim x 16 tokens x 4 bytes
+        4096
+    """
+    if steps < 2:
+        raise SurgeryError(f"decode timing needs steps >= 2 (the first is a warm-up), got {steps}")
+    return time_steps(models, {name: prefill(model, input_ids) for name, model in models.items()}, steps)
 
 
 # ------------------------------------------------------------------------- an exportable step

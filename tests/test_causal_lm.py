@@ -86,6 +86,13 @@ def test_whole_recipe_on_tiny_causal_lms(tiny_dirs, tmp_path, family, replacemen
     assert 0 <= student["top1_agreement"] <= 1 and student["mean_kl"] >= 0
     assert 0 <= student["continuation_match"] <= 1 and 0 <= student["continuation_prefix"] <= FAST["continuation_tokens"]
     assert len(report["answers"]) == 3 and all(isinstance(a["student"], str) for a in report["answers"])
+    # decode speed at the recipe's 2048 tokens, capped at the tiny models' 128 positions less the steps
+    speed = report["decode"]
+    assert speed["context"] == 128 - speed["steps"] - 1 and speed["asked_context"] == 2048
+    assert teacher["decode_ms_per_token"] == speed["teacher_ms_per_token"] > 0
+    assert student["decode_ms_per_token"] == speed["student_ms_per_token"] > 0
+    assert speed["student_kv_bytes"] == 0 and speed["student_state_bytes"] > 0 and speed["teacher_kv_bytes"] > 0
+    assert any(n.startswith("decode_ms_per_token: median") for n in report["notes"])
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["rows"][1]["mean_kl"] == pytest.approx(student["mean_kl"])
     # the student saved by the last phase reloads onto the base model with the same held-out numbers
@@ -106,6 +113,8 @@ def test_whole_recipe_on_tiny_causal_lms(tiny_dirs, tmp_path, family, replacemen
 def test_replace_k_by_measured_ranking_with_curve(tiny_dirs, tmp_path):
     config = CausalLmConfig(model=f"hf:{tiny_dirs['llama']}", replace=2, keep_attention="0", curve=True, **FAST)
     report = run_causal_lm(config, tmp_path / "run", log=lambda line: None)
+    # a hybrid decodes with KV for the kept attention and states for the replaced layers
+    assert report["decode"]["student_kv_bytes"] > 0 and report["decode"]["student_state_bytes"] > 0
     ranking = report["ranking"]
     assert [r["layer"] for r in ranking] and sorted(r["layer"] for r in ranking) == [1, 2, 3]
     assert [r["mean_kl"] for r in ranking] == sorted(r["mean_kl"] for r in ranking)

@@ -164,3 +164,33 @@ def test_a_training_call_keeps_no_state_and_continuing_is_refused():
     with torch.no_grad(), pytest.raises(surgery.SurgeryError, match="kept no state") as error:
         model(input_ids=prompt[:, -1:], past_key_values=out.past_key_values, use_cache=True)
     _one_line(error)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decode_timing_decodes_what_greedy_generate_does_and_measures_the_memory(family):
+    from surgery.decoding import prefill, time_decoding, time_steps
+
+    torch.manual_seed(0)
+    original = FAMILIES[family]().eval()
+    replaced = _model(family)
+    surgery.finalize(replaced)
+    prompt = ids(1, 9)
+    rows = time_decoding({"attention": original, "mhlstm": replaced}, prompt, steps=4)
+    for name, model in (("attention", original), ("mhlstm", replaced)):
+        with torch.no_grad():
+            greedy = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert rows[name]["generated"] == greedy[0, 9:].tolist()
+        assert len(rows[name]["ms_steps"]) == 4 and rows[name]["ms_per_token"] > 0
+        assert (rows[name]["context"], rows[name]["batch"]) == (9, 1)
+    assert rows["attention"]["state_bytes"] == 0 and rows["mhlstm"]["kv_bytes"] == 0
+    assert rows["attention"]["kv_bytes"] > 0 and rows["mhlstm"]["state_bytes"] > 0
+    # one batch-1 prefill serves a batch of 3 (copies of the cache), and is itself left as it was
+    started = {"mhlstm": prefill(replaced, prompt)}
+    wide = time_steps({"mhlstm": replaced}, started, steps=2, batch=3)["mhlstm"]
+    assert wide["batch"] == 3 and wide["state_bytes"] == 3 * rows["mhlstm"]["state_bytes"]
+    assert wide["generated"] == rows["mhlstm"]["generated"][:3]
+    assert time_steps({"mhlstm": replaced}, started, steps=2)["mhlstm"]["generated"] == wide["generated"]
+    with pytest.raises(surgery.errors.SurgeryError, match="multiple"):
+        time_steps({"mhlstm": replaced}, {"mhlstm": prefill(replaced, ids(2, 9))}, steps=2, batch=3)
+    with pytest.raises(surgery.errors.SurgeryError, match="steps >= 2"):
+        time_decoding({"mhlstm": replaced}, prompt, steps=1)
