@@ -42,11 +42,39 @@ def test_bench_json_compares_with_the_source(run_dir):
     assert rows[("flops", 1)]["original"] > 0
 
 
+def test_bench_ratio_table_has_a_latency_row_per_batch(run_dir):
+    """The printed table: params, MACs, weights, then per batch latency (+ throughput) and memory."""
+    result = invoke("bench", run_dir, "--allow-code", "--batch", "1", "--batch", "8", "--repeats", "2",
+                    "--warmup", "0", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any("value" in line and "original" in line and "ratio" in line for line in lines)
+    for metric in ("params", "MACs", "weights memory", "throughput"):
+        assert any(metric in line and line.rstrip(" │|").endswith("x") for line in lines), metric
+    latency = [line for line in lines if "latency" in line and "ms" in line]
+    memory = [line for line in lines if "activation memory" in line]
+    assert len(latency) == 2 and len(memory) == 2
+    assert "│ 1 " in latency[0] and "│ 8 " in latency[1]
+
+
+def test_bench_batch_reaches_a_model_with_its_own_example_inputs(run_dir):
+    """hand_written_factory's example_inputs() has 2 rows; --batch 8 must still time 8."""
+    result = invoke("bench", run_dir, "--allow-code", "--batch", "1", "--batch", "8", "--repeats", "1",
+                    "--warmup", "0", "--threads", "1", "--no-flops", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {(r["metric"], r["batch"]): r for r in json.loads(result.stdout)["rows"]}
+    one, eight = rows[("activation_memory", 1)], rows[("activation_memory", 8)]
+    assert eight["original"] > 3 * one["original"] and eight["candidate"] > 3 * one["candidate"]
+    throughput, latency = rows[("throughput", 8)], rows[("latency_median", 8)]
+    assert throughput["candidate"] == pytest.approx(8e3 / latency["candidate"])
+    assert ("throughput", 1) not in rows and rows[("parameter_memory", None)]["ratio"] > 1
+
+
 def test_bench_table(run_dir):
     result = invoke("bench", run_dir, "--allow-code", "--repeats", "1", "--warmup", "0", "--no-flops",
                     "--no-memory", "--no-fast")
     assert result.exit_code == 0, result.output
-    assert "latency_median" in result.stdout and "params" in result.stdout
+    assert "latency" in result.stdout and "params" in result.stdout and "reference form" in result.stdout
 
 
 def test_bench_missing_run_is_one_line(tmp_path):

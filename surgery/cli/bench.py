@@ -77,19 +77,23 @@ def bench_command(
         rows.append({"metric": metric, "batch": batch_size, "original": before, "candidate": after,
                      "ratio": after / before if before else None, "unit": unit})
 
-    first = default_example_inputs(counted, batch=batches[0])
+    first = _at_batch(default_example_inputs(counted, batch=batches[0]), batches[0])
     _check_same_inputs(original, candidate, first, label, reference_spec)
     add("params", measure.count_parameters(original), measure.count_parameters(counted), "count")
     if flops:
         add("flops", measure.count_flops(original, first), measure.count_flops(counted, first), "MAC",
             batches[0])
+    add("parameter_memory", measure.parameter_bytes(original), measure.parameter_bytes(counted), "bytes")
     for size in batches:
-        inputs = default_example_inputs(counted, batch=size)
+        inputs = _at_batch(default_example_inputs(counted, batch=size), size)
         timing = measure.measure_latencies({"original": original, "candidate": candidate}, inputs,
                                            repeats=repeats, warmup=warmup, threads=threads)
         add("latency_median", timing["original"]["median_ms"], timing["candidate"]["median_ms"], "ms", size)
         add("latency_p25", timing["original"]["p25_ms"], timing["candidate"]["p25_ms"], "ms", size)
         add("latency_p75", timing["original"]["p75_ms"], timing["candidate"]["p75_ms"], "ms", size)
+        if size > 1:  # samples per second from the medians (higher is better: the ratio is above 1)
+            add("throughput", size * 1e3 / timing["original"]["median_ms"],
+                size * 1e3 / timing["candidate"]["median_ms"], "samples/s", size)
         if memory:
             before = measure.peak_memory(original, inputs, threads=threads)
             after = measure.peak_memory(candidate, inputs, threads=threads)
@@ -98,15 +102,65 @@ def bench_command(
 
     used_threads = threads or torch.get_num_threads()
     info = {"candidate": label, "original": reference_spec, "threads": used_threads, "repeats": repeats,
-            "fast": fast, "kernel": _kernel_info(fast)}
+            "fast": fast, "kernel": _kernel_info(fast), "torch": torch.__version__}
     if json_output:
         print_json({**info, "rows": rows})
         return
     print_table(f"{label} vs {reference_spec} ({used_threads} threads, {repeats} interleaved repeats"
-                f"{', fast form' if fast else ''})", ["metric", "batch", "original", "candidate", "ratio"],
-                [[r["metric"], "" if r["batch"] is None else str(r["batch"]), _format(r["original"], r["unit"]),
-                  _format(r["candidate"], r["unit"]), "" if r["ratio"] is None else f"{r['ratio']:.2f}x"]
-                 for r in rows])
+                f"{', fast form' if fast else ', reference form'}; ratio = value / original)",
+                ["metric", "batch", "value", "original", "ratio"], ratio_table(rows))
+
+
+def ratio_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The rows as the printed table: one latency row per batch (median, quartiles in brackets).
+
+    Example:
+        >>> ratio_table([{"metric": "params", "batch": None, "original": 2e6, "candidate": 1e6,
+        ...               "ratio": 0.5, "unit": "count"}])
+        [['params', '', '1.00M', '2.00M', '0.50x']]
+    """
+    quartiles = {(r["metric"], r["batch"]): r for r in rows if r["metric"] in ("latency_p25", "latency_p75")}
+    names = {"params": "params", "flops": "MACs", "parameter_memory": "weights memory",
+             "latency_median": "latency (p25-p75)", "throughput": "throughput", "activation_memory": "activation memory"}
+    table = []
+    for r in rows:
+        if r["metric"] not in names:
+            continue
+        value, before = _format(r["candidate"], r["unit"]), _format(r["original"], r["unit"])
+        if r["metric"] == "latency_median":
+            low, high = quartiles.get(("latency_p25", r["batch"])), quartiles.get(("latency_p75", r["batch"]))
+            if low is not None and high is not None:
+                value += f" ({low['candidate']:.2f}-{high['candidate']:.2f})"
+                before += f" ({low['original']:.2f}-{high['original']:.2f})"
+        table.append([names[r["metric"]], "" if r["batch"] is None else str(r["batch"]), value, before,
+                      "" if r["ratio"] is None else f"{r['ratio']:.2f}x"])
+    return table
+
+
+def _at_batch(inputs: Any, size: int) -> Any:
+    """``inputs`` with ``size`` rows: a model's own ``example_inputs()`` has a fixed batch, so every
+    tensor with that leading size is repeated (or cut) to ``size`` rows; timm/HF inputs already fit."""
+    import torch
+
+    from surgery.errors import SurgeryError
+    from surgery.inputs import as_args_kwargs
+
+    args, kwargs = as_args_kwargs(inputs)
+    first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    if first is None:
+        raise SurgeryError("the example inputs hold no batched tensor, so --batch cannot be applied; "
+                           "give the model an example_inputs() that returns tensors")
+    rows = first.shape[0]
+    if rows == size:
+        return args, kwargs
+    index = torch.arange(size, device=first.device) % rows
+
+    def fit(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            return value[index]
+        return value
+
+    return tuple(fit(a) for a in args), {k: fit(v) for k, v in kwargs.items()}
 
 
 def _canonical(spec: str) -> str:
@@ -159,10 +213,13 @@ def _kernel_info(fast: bool) -> dict | None:
 
 
 def _format(value: float, unit: str) -> str:
+    """A value with a unit scaled to its size (a tiny test model and DeiT-B both read well)."""
     if unit == "count":
-        return f"{value / 1e6:.2f}M"
+        return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value / 1e3:.1f}k"
     if unit == "MAC":
-        return f"{value / 1e9:.3f} G"
+        return f"{value / 1e9:.3f} G" if value >= 1e8 else f"{value / 1e6:.3f} M"
     if unit == "bytes":
-        return f"{value / 2**20:.1f} MiB"
+        return f"{value / 2**20:.1f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+    if unit == "samples/s":
+        return f"{value:.1f}/s"
     return f"{value:.2f} ms"
