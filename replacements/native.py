@@ -3,7 +3,7 @@
 
 Portable by default: no ``-march=native`` (a build cache shared by several machines must not hand
 one CPU's instructions to another), but a named instruction-set level the CPU has (x86-64 with
-AVX2: ``-mavx2 -mfma``; the flags are part of the hash); ``SURGERY_NATIVE_MARCH=1`` asks for this
+AVX2: ``-mavx2 -mfma -mf16c``; the flags are part of the hash); ``SURGERY_NATIVE_MARCH=1`` asks for this
 CPU's full instruction set (the CPU's identity then joins the hash). ``SURGERY_FAST_KERNEL=0`` disables the
 kernel. Without a C++ compiler the PyTorch loop (``recurrence._recurrence_torch``, the tested
 reference) runs instead, and one line says so.
@@ -37,14 +37,16 @@ _error: str | None = None
 
 def _isa_flags() -> list[str]:
     """The instruction-set level to build for: a fixed, named level this CPU has, never this CPU's
-    own full set unless asked. On x86-64 with AVX2 and FMA (what torch itself dispatches to, and what
-    libmvec's 8-wide expf/tanhf need) ``-mavx2 -mfma``: measured 10 ms against 33 ms for one DeiT-T
-    block's recurrence built for baseline x86-64 (1 thread), where the per-head nn.LSTM takes 12 ms."""
+    own full set unless asked. On x86-64 with AVX2 and FMA (what torch itself dispatches to) ``-mavx2
+    -mfma -mf16c`` (every AVX2 CPU has F16C; it widens float16 weights): measured 10 ms against 33 ms
+    for one DeiT-T block's recurrence built for baseline x86-64 (1 thread), where the per-head
+    nn.LSTM takes 12 ms. With these flags the kernel takes its AVX2 path (inline 8-wide
+    exp/sigmoid/tanh, optional float16 recurrent weights)."""
     if os.environ.get("SURGERY_NATIVE_MARCH") == "1":
         return ["-march=native"]
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")()
     if platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512"):
-        return ["-mavx2", "-mfma"]
+        return ["-mavx2", "-mfma", "-mf16c"]
     return []
 
 

@@ -210,6 +210,21 @@ def batched_forward(mixers: list[nn.Module], inputs: list[torch.Tensor], mask: t
 
 # ------------------------------------------------------------------------------ inference
 
+#: precisions the kernel can hold recurrent weights in (float16: opt-in, see ``FastMultiHeadRecurrent``)
+RECURRENT_WEIGHTS = ("float32", "float16")
+
+
+def tile_columns(weight: torch.Tensor) -> torch.Tensor:
+    """[U, R, C] -> [U, R * C], the kernel's column-tiled layout: the C columns (a multiple of 8)
+    cut into blocks of 64, then 8, each block stored [R rows][width] at offset (first column) * R,
+    so one mat-vec streams the matrix front to back instead of striding over rows."""
+    units, rows, columns = weight.shape
+    widths = [64] * (columns // 64) + [8] * ((columns % 64) // 8)
+    if sum(widths) != columns:
+        raise ValueError(f"tile_columns needs a multiple of 8 columns, got {columns}")
+    return torch.cat([block.reshape(units, -1) for block in weight.split(widths, dim=2)], dim=1).contiguous()
+
+
 def _recurrence_torch(xg: torch.Tensor, whh: torch.Tensor, bhh: torch.Tensor,
                       lengths: torch.Tensor | None, is_lstm: bool) -> torch.Tensor:
     """The kernel's computation in plain PyTorch: a step loop with all units in one bmm."""
@@ -248,6 +263,10 @@ class FastMultiHeadRecurrent(nn.Module):
         source: the trained mixer; its pre-projection is shared, its recurrent and output weights
             are copied into stacked, transposed, zero-padded buffers.
         use_kernel: run the compiled kernel (default when it is available) or the PyTorch loop.
+        recurrent_weights: ``"float32"`` (exact) or ``"float16"`` (opt-in: W_hh rounded to float16,
+            half the bytes the kernel streams per step; the PyTorch loop then uses the same rounded
+            weights, so both forms still agree); None = the source mixer's choice as set by
+            ``surgery.fast.optimize(model, recurrent_weights=...)``, else float32.
 
     Example:
         >>> import surgery
@@ -261,8 +280,13 @@ class FastMultiHeadRecurrent(nn.Module):
     """
 
     def __init__(self, source: nn.Module, use_kernel: bool | None = None,
-                 projection: nn.Linear | None = None) -> None:
+                 projection: nn.Linear | None = None, recurrent_weights: str | None = None) -> None:
         super().__init__()
+        if recurrent_weights is None:
+            recurrent_weights = source.__dict__.get("_recurrent_weights", "float32")
+        if recurrent_weights not in RECURRENT_WEIGHTS:
+            raise ValueError(f"recurrent_weights={recurrent_weights!r}: choose one of {', '.join(RECURRENT_WEIGHTS)}")
+        self.recurrent_weights = recurrent_weights
         rnns = [head.rnn for head in source.heads]
         kinds = {type(rnn) for rnn in rnns}
         if len(kinds) != 1 or not issubclass(kinds.pop(), (nn.LSTM, nn.GRU)):
@@ -289,10 +313,19 @@ class FastMultiHeadRecurrent(nn.Module):
         with torch.no_grad():
             for layer in range(self.num_layers):
                 w_in, b_in, w_hh, b_hh = self._layer_weights(rnns, layer)
+                if recurrent_weights == "float16":
+                    w_hh = w_hh.half().float()  # the rounded weights, for the PyTorch loop as well
                 self.register_buffer(f"w_in{layer}", w_in.to(reference))
                 self.register_buffer(f"b_in{layer}", b_in.to(reference))
                 self.register_buffer(f"w_hh{layer}", w_hh.to(reference))
                 self.register_buffer(f"b_hh{layer}", b_hh.to(reference))
+                # the kernel's copies: column-tiled (W_hh in the chosen precision); W_in only for
+                # forward-only layers, where the decode step multiplies it inside the kernel
+                tiled = tile_columns(w_hh)
+                self.register_buffer(f"w_hh_tiled{layer}", tiled.half() if recurrent_weights == "float16"
+                                     else tiled.to(reference), persistent=False)
+                if self.directions == 1:
+                    self.register_buffer(f"w_in_tiled{layer}", tile_columns(w_in).to(reference), persistent=False)
             w_out, b_out = self._output_weights(source)
             self.register_buffer("w_out", w_out.to(reference))
             self.register_buffer("b_out", b_out.to(reference))
@@ -368,15 +401,23 @@ class FastMultiHeadRecurrent(nn.Module):
 
     def _recurrence(self, xg: torch.Tensor, layer: int, lengths: torch.Tensor | None) -> torch.Tensor:
         w_hh, b_hh = getattr(self, f"w_hh{layer}"), getattr(self, f"b_hh{layer}")
-        use_kernel = self.use_kernel if self.use_kernel is not None else True
-        # a tracer (FLOP counting, ONNX) cannot see into the native call: it gets the PyTorch loop
-        native = use_kernel and xg.device.type == "cpu" and xg.dtype == torch.float32 and not _tracing()
-        kernel = load_kernel() if native else None
+        kernel = self.kernel(xg)
         if kernel is not None:
             empty = torch.empty(0, dtype=torch.long)
-            return kernel.recurrence(xg.contiguous(), w_hh, b_hh, self.sizes.cpu(),
+            return kernel.recurrence(xg.contiguous(), getattr(self, f"w_hh_tiled{layer}"), b_hh, self.sizes.cpu(),
                                      empty if lengths is None else lengths.cpu().long(), self.is_lstm)
         return _recurrence_torch(xg, w_hh, b_hh, lengths, self.is_lstm)
+
+    def kernel(self, x: torch.Tensor) -> Any:
+        """The native kernel module if it serves ``x`` (CPU float32, not under a tracer, not pinned
+        off, compiled, float16 weights supported where asked), else None (the PyTorch loop)."""
+        use_kernel = self.use_kernel if self.use_kernel is not None else True
+        # a tracer (FLOP counting, ONNX) cannot see into the native call: it gets the PyTorch loop
+        native = use_kernel and x.device.type == "cpu" and x.dtype == torch.float32 and not _tracing()
+        kernel = load_kernel() if native else None
+        if kernel is not None and self.recurrent_weights == "float16" and not kernel.half_weights:
+            return None  # a build without F16C: the loop computes the same rounded weights
+        return kernel
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.pre_proj(x)
@@ -413,7 +454,7 @@ class FastMultiHeadRecurrent(nn.Module):
         kind = "lstm" if self.is_lstm else "gru"
         return (f"{kind}, heads={len(self.hidden_sizes)}, hidden={self.hidden_sizes}, "
                 f"directions={self.directions}, layers={self.num_layers}, "
-                f"projection_folded={self.folded}")
+                f"projection_folded={self.folded}, recurrent_weights={self.recurrent_weights}")
 
 
 # ------------------------------------------------------------------------------- decoding
@@ -430,7 +471,7 @@ def _step_form(mixer: nn.Module) -> "FastMultiHeadRecurrent":
     cached = mixer.__dict__.get("_step_cache")
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():
-            cached = (key, FastMultiHeadRecurrent(mixer, use_kernel=False))
+            cached = (key, FastMultiHeadRecurrent(mixer))
         object.__setattr__(mixer, "_step_cache", cached)
     return cached[1]
 
@@ -442,9 +483,10 @@ class RecurrentDecoding:
     first, so cache reordering indexes dim 0; P = the largest hidden size rounded up to 8, pruned
     heads zero-padded). ``prefill`` runs each head's own recurrent network over the prompt from the
     given state (the reference form: pads are zeroed inputs the recurrence runs through, exactly as
-    the sequence form does) and returns its final state; ``step`` advances every head and layer of
-    one token in one batched matrix product per layer (without gradients; with them it takes the
-    per-head networks, so gradients reach the weights).
+    the sequence form does) and returns its final state; ``step`` advances every head of a layer by
+    one token in one native call (both mat-vecs and the gates; the batched PyTorch form where the
+    kernel is unavailable), without gradients; with them it takes the per-head networks, so
+    gradients reach the weights.
     """
 
     def _check(self, mixer: nn.Module) -> bool:
@@ -497,7 +539,18 @@ class RecurrentDecoding:
         h_all = state[0].transpose(0, 2)                             # [K, L, B, P]
         c_all = state[1].transpose(0, 2) if lstm else None
         new_h, new_c = [], []
+        kernel = fast.kernel(x)
         for layer in range(fast.num_layers):
+            if kernel is not None:
+                h, c = kernel.step(inputs.contiguous(), getattr(fast, f"w_in_tiled{layer}"),
+                                   getattr(fast, f"b_in{layer}"), getattr(fast, f"w_hh_tiled{layer}"),
+                                   getattr(fast, f"b_hh{layer}"), h_all[:, layer],
+                                   c_all[:, layer] if lstm else h_all.new_empty(0), fast.sizes, lstm)
+                new_h.append(h)
+                if lstm:
+                    new_c.append(c)
+                inputs = h
+                continue
             x_gates = torch.baddbmm(getattr(fast, f"b_in{layer}"), inputs, getattr(fast, f"w_in{layer}"))
             h = h_all[:, layer]
             h_gates = torch.baddbmm(getattr(fast, f"b_hh{layer}").unsqueeze(1), h, getattr(fast, f"w_hh{layer}"))
