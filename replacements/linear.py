@@ -19,7 +19,9 @@ heads, as HuggingFace's ``repeat_kv`` does.
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +49,12 @@ class LinearAttentionConfig(ReplacementConfig):
         kv_heads: key/value heads (grouped-query attention); 0 = as many as query heads. A
             teacher with fewer key/value heads also fits 0: its heads are repeated.
         chunk_size: tokens per chunk of the causal training form (the work per chunk is
-            quadratic in it, the number of chunks is the Python loop).
+            quadratic in it, the number of chunks is the Python loop); also the query block of
+            the sliding window.
+        window: exact softmax attention over the nearest tokens (LoLCATs' sliding window): at a
+            causal site token i attends to j in (i - window, i] with ``exp(q_i . k_j * scale)``,
+            at an encoder site to |i - j| < window; the feature-map linear attention covers the
+            tokens beyond, under one shared normaliser. 0 = off (linear everywhere).
     """
 
     feature_map: str = "hedgehog"
@@ -55,6 +62,7 @@ class LinearAttentionConfig(ReplacementConfig):
     decay: bool = False
     kv_heads: int = 0
     chunk_size: int = 64
+    window: int = 0
 
 
 def _features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
@@ -106,17 +114,71 @@ def causal_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: 
     return torch.cat(outs, dim=2), state
 
 
+def rotate(x: torch.Tensor, position: torch.Tensor, inv_freq: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of per-head vectors x [B, H, N, d] at positions [B, N], as HuggingFace's
+    Llama computes it (``rotate_half`` layout, angles in float32, ``attention_scaling`` on cos and sin);
+    dimensions past ``2 * len(inv_freq)`` pass unrotated (partial rotary)."""
+    freqs = position.unsqueeze(-1).float() * inv_freq.float()
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos = (emb.cos() * scaling.float()).to(x.dtype).unsqueeze(1)
+    sin = (emb.sin() * scaling.float()).to(x.dtype).unsqueeze(1)
+    rotary = emb.shape[-1]
+    part, rest = x[..., :rotary], x[..., rotary:]
+    half = rotary // 2
+    turned = torch.cat([-part[..., half:], part[..., :half]], dim=-1)
+    out = part * cos + turned * sin
+    return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
+
+
+def window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, low: int, high: int,
+                   block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax numerators over a band: query i reads keys ``i + low .. i + high`` (indices into k),
+    in blocks of ``block`` queries (work ~ N x band width, never N x N).
+
+    Args:
+        q: queries [B, H, N, d]; k: keys [B, H, L, d]; v: values [B, H, L, E] whose last column is
+            1 at real keys and 0 at pads and empty slots (those are left out).
+        scale: the logit scale (a 0-d tensor).
+        low, high: the band, inclusive, relative to the query's index.
+
+    Returns:
+        (sum_j exp(s_ij - m_i) v_j [B, H, N, E], m_i [B, H, N, 1]), with ``s = q . k * scale`` and m
+        the largest s of the band (detached: the output does not depend on it).
+    """
+    length, keys = q.shape[2], k.shape[2]
+    real = v[..., -1] > 0  # [B, H, L]
+    outs, maxima = [], []
+    for start in range(0, length, block):
+        stop = min(length, start + block)
+        first, last = max(0, start + low), min(keys, stop - 1 + high + 1)
+        if first >= last:  # no key in reach (the band lies outside k)
+            outs.append(v.new_zeros(*q.shape[:2], stop - start, v.shape[-1]))
+            maxima.append(q.new_zeros(*q.shape[:2], stop - start, 1))
+            continue
+        scores = (q[:, :, start:stop] @ k[:, :, first:last].transpose(-1, -2)) * scale
+        offset = torch.arange(first, last, device=q.device).unsqueeze(0) - torch.arange(start, stop, device=q.device
+                                                                                         ).unsqueeze(1)
+        allowed = ((offset >= low) & (offset <= high)).unsqueeze(0).unsqueeze(0) & real[:, :, None, first:last]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        peak = scores.detach().amax(dim=-1, keepdim=True)
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        outs.append(torch.exp(scores - peak) @ v[:, :, first:last])
+        maxima.append(peak)
+    return torch.cat(outs, dim=2), torch.cat(maxima, dim=2)
+
+
 class GatedLinearAttentionDecoding:
-    """Decoding form of ``linear`` at causal sites: the state is one tensor per site,
-    ``sum_j gamma**(t-j) phi(k_j) [v_j, 1]^T`` per head [B, heads, features, head_dim + 1] (the
-    running sum of keys times values and, in the last column, the normaliser), whatever the length.
-    Prefill and step are the sequence form continued from that state.
+    """Decoding form of ``linear`` at causal sites. The state has a fixed size whatever the length:
+    ``sum_j gamma**(t-j) phi(k_j) [v_j, 1]^T`` per head [B, heads, features, head_dim + 1] (the running
+    sum of keys times values and, in the last column, the normaliser); with a window also the last
+    ``window`` keys and values (the exact softmax part reads them); with the teacher's rotary
+    embedding also the next position per row. Prefill and step are the sequence form continued
+    from that state.
     """
 
-    def init_state(self, mixer: "GatedLinearAttention", batch: int) -> tuple[torch.Tensor]:
+    def init_state(self, mixer: "GatedLinearAttention", batch: int) -> tuple[torch.Tensor, ...]:
         self._check(mixer)
-        reference = mixer.q.weight
-        return (reference.new_zeros(batch, mixer.shape.num_heads, mixer.feature_count, mixer.head_dim + 1),)
+        return mixer.empty_state(batch)
 
     def _check(self, mixer: "GatedLinearAttention") -> None:
         if not mixer.shape.causal:
@@ -124,13 +186,12 @@ class GatedLinearAttentionDecoding:
                                "tokens); only causal sites decode token by token")
 
     def prefill(self, mixer: "GatedLinearAttention", x: torch.Tensor, mask: torch.Tensor | None = None,
-                state: tuple[torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+                state: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         self._check(mixer)
-        y, new = mixer.sequence(x, mask, None if state is None else state[0])
-        return y, (new,)
+        return mixer.sequence(x, mask, state)
 
     def step(self, mixer: "GatedLinearAttention", x_t: torch.Tensor,
-             state: tuple[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+             state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """One token ``x_t`` [B, 1, D] -> (output [B, 1, C], new state)."""
         return self.prefill(mixer, x_t, None, state)
 
@@ -182,6 +243,8 @@ def resize(mixer: "GatedLinearAttention", shapes: dict[str, tuple]) -> None:
         setattr(mixer, name, nn.Linear(inputs, outputs, bias=f"{name}.bias" in shapes).to(reference))
     for name in ("q_map", "k_map", "q_map_bias", "k_map_bias"):
         setattr(mixer, name, nn.Parameter(reference.new_zeros(shapes[name])))
+    if "rope_inv_freq" in shapes:  # saved after copying a rotary teacher's q/k
+        mixer.set_rotary(torch.zeros(shapes["rope_inv_freq"]), 1.0)
 
 
 def _conv1d_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -232,9 +295,58 @@ def _normed(original: nn.Module) -> bool:
                for n in ("q_norm", "k_norm"))
 
 
+def _softmax_scale(original: nn.Module, head: int) -> float:
+    """The logit scale of the original attention: HuggingFace ``scaling`` (GPT-2's by-layer scaling
+    included), timm ``scale``, else 1/sqrt(head width) (``nn.MultiheadAttention``)."""
+    for name in ("scaling", "scale"):
+        value = getattr(original, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return head ** -0.5
+
+
+def rotary_of(original: nn.Module, site: str = "?") -> tuple[torch.Tensor, float] | None:
+    """The rotary frequencies and cos/sin scale a Llama-style block receives as ``position_embeddings``
+    (the model's own ``*RotaryEmbedding`` class rebuilt from the block's config), or None when the block
+    takes no rotary embedding.
+
+    Raises:
+        SurgeryError: the block takes ``position_embeddings`` but its frequencies cannot be rebuilt, or
+            they change with the length (dynamic / longrope scaling).
+    """
+    try:
+        parameters = inspect.signature(original.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "position_embeddings" not in parameters:
+        return None
+    config = getattr(original, "config", None)
+    module = sys.modules.get(type(original).__module__)
+    classes = [v for k, v in vars(module).items() if k.endswith("RotaryEmbedding") and isinstance(v, type)] \
+        if module is not None else []
+    prefix = type(original).__name__.split("Attention")[0]
+    classes.sort(key=lambda c: not c.__name__.startswith(prefix))
+    fix = "distill linear with init='none' (--distill-set init=none) or choose another replacement (mhlstm, gru, conv)"
+    if config is None or not classes:
+        raise SurgeryError(f"site {site!r} ({type(original).__name__}) takes rotary position embeddings whose "
+                           f"frequencies linear cannot read (no config or rotary class); {fix}")
+    try:
+        rotary = classes[0](config)
+    except Exception as error:  # noqa: BLE001 - any failure of a foreign constructor means unreadable
+        raise SurgeryError(f"site {site!r}: its rotary embedding ({classes[0].__name__}) could not be rebuilt "
+                           f"({type(error).__name__}); {fix}") from None
+    kind = getattr(rotary, "rope_type", "default")
+    if kind in ("dynamic", "longrope"):
+        raise SurgeryError(f"site {site!r} uses {kind!r} rotary scaling, whose frequencies change with the length; "
+                           f"{fix}")
+    return rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0))
+
+
 def copy_projections(mixer: "GatedLinearAttention", original: nn.Module, site: str = "?") -> None:
     """Copy the original block's query/key/value projections into ``mixer`` (in place); a teacher with
-    fewer key/value heads than the mixer has them repeated per group (grouped-query attention).
+    fewer key/value heads than the mixer has them repeated per group (grouped-query attention). A
+    Llama-style teacher's rotary embedding comes along (queries and keys are rotated before the
+    feature map and the window's softmax), and so does its logit scale.
 
     Args:
         mixer: a ``GatedLinearAttention``.
@@ -242,7 +354,8 @@ def copy_projections(mixer: "GatedLinearAttention", original: nn.Module, site: s
         site: the site's name, for the error.
 
     Raises:
-        SurgeryError: the projections cannot be read, or their shapes do not fit the mixer.
+        SurgeryError: the projections (or the rotary frequencies) cannot be read, or their shapes do
+            not fit the mixer.
     """
     read = attention_projections(original, mixer.shape.output_dim)
     if read is None or _normed(original):
@@ -250,6 +363,10 @@ def copy_projections(mixer: "GatedLinearAttention", original: nn.Module, site: s
             "has no query/key/value projections linear can read (qkv, query/key/value, q_proj/k_proj/v_proj, c_attn)"
         raise SurgeryError(f"site {site!r} ({type(original).__name__}) {why}; distill linear with init='none' "
                            "(--distill-set init=none) or choose another replacement (mhlstm, gru, conv)")
+    rotary = rotary_of(original, site)
+    if rotary is not None and 2 * rotary[0].numel() > mixer.head_dim:
+        raise SurgeryError(f"site {site!r}: its rotary frequencies ({rotary[0].numel()}) do not fit linear's head "
+                           f"width {mixer.head_dim}; distill with init='none'")
     with torch.no_grad():
         for layer, (weight, bias) in zip((mixer.q, mixer.k, mixer.v), read):
             rows = layer.weight.shape[0]
@@ -265,17 +382,79 @@ def copy_projections(mixer: "GatedLinearAttention", original: nn.Module, site: s
                 layer.bias.zero_()
             else:
                 layer.bias.copy_(bias.reshape(-1, 1, head).expand(-1, repeat, -1).reshape(rows))
+        if mixer.softmax_scale is not None:
+            mixer.softmax_scale.fill_(_softmax_scale(original, mixer.head_dim))
+    if rotary is not None:
+        mixer.set_rotary(rotary[0].to(mixer.q.weight.device), rotary[1])
+
+
+def fit_tail_scale(mixer: "GatedLinearAttention", records: list, max_tokens: int = 512) -> list[float]:
+    """Set each head's weight of the linear part beyond the window (``tail_log_scale``) so that, summed
+    over the captured tokens, it puts as much weight beyond the window as the teacher's softmax does
+    (both relative to the window's largest ``exp(q . k * scale)``); in place, from the copied q/k.
+
+    Args:
+        mixer: a ``GatedLinearAttention`` with a window, its q/k copied from the teacher.
+        records: captured (hidden [B, N, D], valid [B, N] or None, target) of the site.
+        max_tokens: the fit reads at most this many tokens of each record (it is quadratic in them).
+
+    Returns:
+        The scales per head (1.0 where no token lay beyond the window).
+    """
+    heads, window = mixer.shape.num_heads, mixer.config.window
+    softmax_mass = mixer.q.weight.new_zeros(heads, dtype=torch.float64)
+    linear_mass = torch.zeros_like(softmax_mass)
+    kind = mixer.config.feature_map
+    gamma = None if mixer.decay_logit is None else torch.sigmoid(mixer.decay_logit).view(1, heads, 1, 1)
+    with torch.no_grad():
+        for hidden, valid, _ in records:
+            hidden = hidden[:, :max_tokens].to(mixer.q.weight)
+            batch, length, _ = hidden.shape
+            valid = torch.ones(batch, length, dtype=torch.bool, device=hidden.device) if valid is None else \
+                valid[:, :max_tokens].to(hidden.device).bool()
+            q, k = mixer._heads(hidden, mixer.q), mixer._heads(hidden, mixer.k)
+            if mixer.rotary:
+                position = (valid.long().cumsum(-1) - 1).clamp(min=0)
+                q = rotate(q, position, mixer.rope_inv_freq, mixer.rope_scaling)
+                k = rotate(k, position, mixer.rope_inv_freq, mixer.rope_scaling)
+            q_features = _features(q, mixer.q_map, mixer.q_map_bias, kind)
+            k_features = _features(k, mixer.k_map, mixer.k_map_bias, kind)
+            k, k_features = mixer._repeat(k, k_features)
+            index = torch.arange(length, device=hidden.device)
+            diff = index.unsqueeze(1) - index.unsqueeze(0)
+            near = (diff >= 0) & (diff < window) if mixer.shape.causal else diff.abs() < window
+            far = diff >= window if mixer.shape.causal else ~near
+            keys = valid.view(batch, 1, 1, length)
+            queries = valid.view(batch, 1, length, 1).to(q.dtype)
+            scores = (q @ k.transpose(-1, -2)) * mixer.softmax_scale
+            peak = scores.masked_fill(~(near & keys), float("-inf")).amax(-1, keepdim=True)
+            peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+            beyond = (far & keys).to(q.dtype)
+            softmax_mass += (torch.exp(scores - peak) * beyond * queries).sum((0, 2, 3)).double()
+            linear = q_features @ k_features.transpose(-1, -2)
+            if gamma is not None:
+                linear = linear * gamma ** diff.abs().to(q.dtype)
+            linear_mass += (linear * torch.exp(-peak) * beyond * queries).sum((0, 2, 3)).double()
+        fitted = torch.where((softmax_mass > 0) & (linear_mass > 0), softmax_mass / linear_mass,
+                             torch.ones_like(softmax_mass))
+        mixer.tail_log_scale.copy_(fitted.log().to(mixer.tail_log_scale))
+    return [round(float(c), 6) for c in fitted]
 
 
 def init_from_teacher(mixer: "GatedLinearAttention", evidence: TeacherEvidence) -> list[float] | None:
-    """Copy the original attention's q/k/v into the mixer; feature maps stay at their identity start
-    and decays at their spread. Returns the decays per head (empty without decay)."""
+    """Copy the original attention's q/k/v (and rotary embedding) into the mixer; feature maps stay at
+    their identity start and decays at their spread; with a window, each head's weight beyond it is
+    fitted to the teacher's (``fit_tail_scale``). Returns the decays per head (empty without decay),
+    followed with a window by the fitted weights per head."""
     original = getattr(evidence, "original", None)
     if original is None:
         return None  # the evidence carries only the value projection: nothing to copy q/k from
     site = getattr(evidence, "site", None)
     copy_projections(mixer, original, getattr(site, "name", "?"))
-    return [] if mixer.decay_logit is None else [round(float(g), 6) for g in torch.sigmoid(mixer.decay_logit)]
+    summary = [] if mixer.decay_logit is None else [round(float(g), 6) for g in torch.sigmoid(mixer.decay_logit)]
+    if mixer.config.window and evidence.records:
+        summary += fit_tail_scale(mixer, evidence.records)
+    return summary
 
 
 def copy_attention_weights(model: nn.Module) -> list[str]:
@@ -310,7 +489,8 @@ def copy_attention_weights(model: nn.Module) -> list[str]:
 @register_replacement("linear", config=LinearAttentionConfig, pruner=GatedLinearAttentionPruner,
                       init_from_teacher=init_from_teacher, resize=resize, decoding=GatedLinearAttentionDecoding())
 class GatedLinearAttention(nn.Module):
-    """Linear attention from the site's own q/k/v with a learned feature map and optional per-head decay."""
+    """Linear attention from the site's own q/k/v with a learned feature map, optional per-head decay,
+    optional sliding window of exact softmax attention and the teacher's rotary position embedding."""
 
     def __init__(self, shape: MixerShape, config: LinearAttentionConfig) -> None:
         super().__init__()
@@ -322,8 +502,8 @@ class GatedLinearAttention(nn.Module):
         groups = config.kv_heads or heads
         if groups < 1 or heads % groups:
             raise ValueError(f"kv_heads={config.kv_heads} must divide the {heads} heads")
-        if config.chunk_size < 1 or config.feature_dim < 0:
-            raise ValueError("linear needs chunk_size >= 1 and feature_dim >= 0")
+        if config.chunk_size < 1 or config.feature_dim < 0 or config.window < 0:
+            raise ValueError("linear needs chunk_size >= 1, feature_dim >= 0 and window >= 0")
         self.shape = shape
         self.config = config
         self.head_dim = head = context // heads
@@ -344,46 +524,162 @@ class GatedLinearAttention(nn.Module):
             self.decay_logit = nn.Parameter(torch.log(gamma / (1 - gamma)))
         else:
             self.register_parameter("decay_logit", None)
+        if config.window:
+            # weight of the linear part beyond the window relative to exp(q . k * scale), per head;
+            # the teacher start fits it to the mass softmax puts there
+            self.tail_log_scale = nn.Parameter(torch.zeros(heads))
+            self.register_buffer("softmax_scale", torch.tensor(head ** -0.5))
+        else:
+            self.register_parameter("tail_log_scale", None)
+            self.register_buffer("softmax_scale", None)
+        # the teacher's rotary position embedding (copy_projections sets it for Llama-style sites)
+        self.register_buffer("rope_inv_freq", None)
+        self.register_buffer("rope_scaling", None)
+
+    def set_rotary(self, inv_freq: torch.Tensor, scaling: float | torch.Tensor) -> None:
+        """Rotate queries and keys as the teacher does (frequencies [R], 2R <= head width; cos/sin scale)."""
+        if 2 * inv_freq.numel() > self.head_dim or inv_freq.dim() != 1:
+            raise ValueError(f"rotary frequencies {tuple(inv_freq.shape)} do not fit the head width {self.head_dim}")
+        self.register_buffer("rope_inv_freq", inv_freq.detach().clone().float())
+        self.register_buffer("rope_scaling", torch.as_tensor(scaling, dtype=torch.float32).detach().clone())
 
     @property
     def feature_count(self) -> int:
         width = self.q_map.shape[-1]
         return 2 * width if self.config.feature_map == "hedgehog" else width
 
+    @property
+    def rotary(self) -> bool:
+        return self.rope_inv_freq is not None
+
     def _heads(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         batch, length, _ = x.shape
         return layer(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
 
+    def empty_state(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """The decoding state before the first token: (linear state [B, H, F, head_dim + 1], then with a
+        window the last ``window`` rotated keys [B, kv_heads, W, head_dim] and values with their
+        normaliser [B, kv_heads, W, head_dim + 1], then with rotary positions the next position [B])."""
+        reference = self.q.weight
+        state = [reference.new_zeros(batch, self.shape.num_heads, self.feature_count, self.head_dim + 1)]
+        if self.config.window:
+            window = self.config.window
+            state += [reference.new_zeros(batch, self.kv_heads, window, self.head_dim),
+                      reference.new_zeros(batch, self.kv_heads, window, self.head_dim + 1)]
+        if self.rotary:
+            state.append(torch.zeros(batch, dtype=torch.long, device=reference.device))
+        return tuple(state)
+
     def sequence(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                 state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The output [B, N, C] and (causal sites) the state after the last token, continuing ``state``."""
+                 state: tuple[torch.Tensor, ...] | torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The output [B, N, C] and (causal sites) the state after the last token, continuing ``state``
+        (a tuple as ``empty_state`` gives)."""
         batch, length, _ = x.shape
-        kind = self.config.feature_map
-        q = _features(self._heads(x, self.q), self.q_map, self.q_map_bias, kind)
-        k = _features(self._heads(x, self.k), self.k_map, self.k_map_bias, kind)
-        v = self._heads(x, self.v)
+        kind, window = self.config.feature_map, self.config.window
+        if state is not None and not isinstance(state, tuple):
+            state = (state,)
+        if state is not None and len(state) != len(self.empty_state(0)):
+            raise SurgeryError(f"linear's decoding state has {len(state)} parts, this mixer keeps "
+                               f"{len(self.empty_state(0))} (window={window}, rotary={self.rotary}); start a new state")
+        q, k, v = self._heads(x, self.q), self._heads(x, self.k), self._heads(x, self.v)
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column: the normaliser
-        repeat = self.shape.num_heads // self.kv_heads
-        if repeat > 1:
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         keep = None
         if padding_mask is not None:
             keep = padding_mask.to(x.dtype).view(batch, 1, length, 1)
-            k, v = k * keep, v * keep
+            v = v * keep
+        position = None
+        if self.rotary:
+            if padding_mask is None:
+                offsets = torch.arange(length, device=x.device).expand(batch, length)
+            else:  # as generate() numbers left-padded prompts: the first real token is at 0
+                offsets = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+            start = state[-1] if state is not None else torch.zeros(batch, dtype=torch.long, device=x.device)
+            q = rotate(q, start.unsqueeze(1) + offsets, self.rope_inv_freq, self.rope_scaling)
+            k = rotate(k, start.unsqueeze(1) + offsets, self.rope_inv_freq, self.rope_scaling)
+            position = start + (length if padding_mask is None else padding_mask.long().sum(-1))
         log_decay = None if self.decay_logit is None else F.logsigmoid(self.decay_logit)
+        linear_state = None if state is None else state[0]
+        if window:
+            out, new = self._windowed(q, k, v, log_decay, state)
+        else:
+            out, new = self._linear(q, k, v, keep, log_decay, linear_state)
+        y = out[..., :-1] / (out[..., -1:] + _EPS) if not window else \
+            out[..., :-1] / torch.where(out[..., -1:] > 0, out[..., -1:], torch.ones_like(out[..., -1:]))
+        if keep is not None:
+            y = y * keep
+        if new is not None and position is not None:
+            new = new + (position,)
+        return y.transpose(1, 2).reshape(batch, length, -1), new
+
+    def _repeat(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        repeat = self.shape.num_heads // self.kv_heads
+        return [t.repeat_interleave(repeat, dim=1) if repeat > 1 else t for t in tensors]
+
+    def _linear(self, q, k, v, keep, log_decay, state):
+        """Linear attention everywhere (no window): numerators with the normaliser column [B, H, N, E]."""
+        kind = self.config.feature_map
+        q = _features(q, self.q_map, self.q_map_bias, kind)
+        k = _features(k, self.k_map, self.k_map_bias, kind)
+        k, v = self._repeat(k, v)
+        if keep is not None:
+            k = k * keep
         chunk = self.config.chunk_size
         if self.shape.causal:
             out, state = causal_chunks(q, k, v, log_decay, chunk, state)
-        elif log_decay is None:
-            out, state = q @ (k.transpose(-1, -2) @ v), None
-        else:  # both directions of the decayed sum; the token itself is in both
-            forward, _ = causal_chunks(q, k, v, log_decay, chunk)
-            backward, _ = causal_chunks(q.flip(2), k.flip(2), v.flip(2), log_decay, chunk)
-            out, state = forward + backward.flip(2) - (q * k).sum(-1, keepdim=True) * v, None
-        y = out[..., :-1] / (out[..., -1:] + _EPS)
-        if keep is not None:
-            y = y * keep
-        return y.transpose(1, 2).reshape(batch, length, -1), state
+            return out, (state,)
+        if log_decay is None:
+            return q @ (k.transpose(-1, -2) @ v), None
+        # both directions of the decayed sum; the token itself is in both
+        forward, _ = causal_chunks(q, k, v, log_decay, chunk)
+        backward, _ = causal_chunks(q.flip(2), k.flip(2), v.flip(2), log_decay, chunk)
+        return forward + backward.flip(2) - (q * k).sum(-1, keepdim=True) * v, None
+
+    def _beyond(self, q_features, keys, values, log_decay, state):
+        """Linear part over keys lagging the queries by ``window`` (key row j serves query rows >= j)."""
+        kind, window = self.config.feature_map, self.config.window
+        k = _features(keys, self.k_map, self.k_map_bias, kind)
+        k, values = self._repeat(k, values)
+        k = k * (values[..., -1:] > 0).to(k.dtype)
+        out, state = causal_chunks(q_features, k, values, log_decay, self.config.chunk_size, state)
+        if log_decay is not None:  # the lag: query i and key row j are window + i - j tokens apart
+            out = out * torch.exp(window * log_decay).view(1, -1, 1, 1)
+        return out, state
+
+    def _windowed(self, q, k, v, log_decay, state):
+        """Softmax over the window plus the linear part beyond it, numerators over one normaliser."""
+        window, length = self.config.window, q.shape[2]
+        block = self.config.chunk_size
+        q_features = _features(q, self.q_map, self.q_map_bias, self.config.feature_map)
+        if self.shape.causal:
+            # rows: the window tokens before (state, or empty slots) then the new ones; query i reads
+            # rows i+1 .. i+window by softmax, and rows <= i (and the linear state) linearly
+            if state is None:
+                past_k = k.new_zeros(*k.shape[:2], window, k.shape[-1])
+                past_v = v.new_zeros(*v.shape[:2], window, v.shape[-1])
+                linear_state = None
+            else:
+                linear_state, past_k, past_v = state[0], state[1], state[2]
+            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            near, peak = window_softmax(q, *self._repeat(keys, values), self.softmax_scale, 1, window, block)
+            far, linear_state = self._beyond(q_features, keys[:, :, :length], values[:, :, :length], log_decay,
+                                             linear_state)
+            new = (linear_state, keys[:, :, -window:], values[:, :, -window:])
+        else:
+            near, peak = window_softmax(q, *self._repeat(k, v), self.softmax_scale, 1 - window, window - 1, block)
+            if window >= length:
+                far = torch.zeros_like(near)
+            else:  # keys window or more tokens before, and (flipped) after
+                lag_k = torch.cat([k.new_zeros(*k.shape[:2], window, k.shape[-1]), k], dim=2)[:, :, :length]
+                lag_v = torch.cat([v.new_zeros(*v.shape[:2], window, v.shape[-1]), v], dim=2)[:, :, :length]
+                before, _ = self._beyond(q_features, lag_k, lag_v, log_decay, None)
+                lag_k = torch.cat([k.new_zeros(*k.shape[:2], window, k.shape[-1]), k.flip(2)], dim=2)[:, :, :length]
+                lag_v = torch.cat([v.new_zeros(*v.shape[:2], window, v.shape[-1]), v.flip(2)], dim=2)[:, :, :length]
+                after, _ = self._beyond(q_features.flip(2), lag_k, lag_v, log_decay, None)
+                far = before + after.flip(2)
+            new = None
+        tail = torch.exp(self.tail_log_scale.view(1, -1, 1, 1) - peak)
+        return near + tail * far, new
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.sequence(x, padding_mask)[0]
@@ -391,7 +687,8 @@ class GatedLinearAttention(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"heads={self.shape.num_heads}, kv_heads={self.kv_heads}, feature_map={c.feature_map}, "
-                f"features={self.feature_count}, decay={c.decay}, causal={self.shape.causal}")
+                f"features={self.feature_count}, decay={c.decay}, window={c.window}, rotary={self.rotary}, "
+                f"causal={self.shape.causal}")
 
 
 __all__ = ["GatedLinearAttention", "GatedLinearAttentionDecoding", "GatedLinearAttentionPruner",

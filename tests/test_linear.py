@@ -203,12 +203,14 @@ def test_a_site_without_readable_qkv_is_one_line_naming_it():
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_replace_distill_save_load_and_cached_generate(family, tmp_path):
+@pytest.mark.parametrize("family,window", [("gpt2", 0), ("llama", 0), ("llama", 4)])
+def test_replace_distill_save_load_and_cached_generate(family, window, tmp_path):
+    """Llama: the rotary frequencies are saved with the mixer; with a window the state also keeps the
+    last 4 keys/values (7-token prompts + 6 new tokens reach past it)."""
     torch.manual_seed(0)
     build = {"gpt2": tiny_gpt2_lm, "llama": tiny_llama_lm}[family]
     model = build().eval()
-    surgery.replace_attention(model, "linear", {"input_ids": ids(1, 5)}, config={"decay": True})
+    surgery.replace_attention(model, "linear", {"input_ids": ids(1, 5)}, config={"decay": True, "window": window})
     copy_attention_weights(model)
     data = [{"input_ids": ids(2, 12)} for _ in range(3)]
     surgery.distill(None, model, data, steps=3, lr=1e-3, mode="blockwise")
@@ -228,6 +230,8 @@ def test_replace_distill_save_load_and_cached_generate(family, tmp_path):
         cached = loaded.generate(prompt, use_cache=True, **options)
         uncached = loaded.generate(prompt, use_cache=False, **options)
     assert loaded.generation_config.use_cache is True  # every replaced site decodes
+    mixer = next(w.mixer for w in surgery.swap.replaced_sites(loaded))
+    assert mixer.rotary == (family == "llama") and mixer.config.window == window
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(torch.stack(cached.logits, 1), torch.stack(uncached.logits, 1), atol=1e-5, rtol=1e-5)
 
@@ -268,3 +272,186 @@ def test_a_pruned_causal_mixer_still_decodes_as_its_sequence_form():
     with pytest.raises(SurgeryError, match="every feature"):
         bundle2 = pruner.unit_bundles(mixer, "mixer")[0]
         bundle2.apply([[0, 1, 2]])
+
+
+# ----------------------------------------------------------------------- sliding window, rotary
+def _windowed_mixer(causal, decay, kv_heads=0, window=3, chunk=3, rotary=False, seed=0):
+    torch.manual_seed(seed)
+    mixer = GatedLinearAttention(MixerShape(12, 16, 4, causal),
+                                 LinearAttentionConfig(decay=decay, kv_heads=kv_heads, chunk_size=chunk,
+                                                       feature_dim=5, window=window))
+    with torch.no_grad():
+        for p in (mixer.q_map, mixer.k_map, mixer.q_map_bias, mixer.k_map_bias):
+            p.add_(0.3 * torch.randn_like(p))
+        mixer.tail_log_scale.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+        mixer.softmax_scale.fill_(0.7)
+        if mixer.decay_logit is not None:
+            mixer.decay_logit.copy_(torch.tensor([0.5, 1.5, 2.5, 4.0]))
+    if rotary:
+        mixer.set_rotary(1.0 / (30.0 ** (torch.arange(0, 4, 2).float() / 4)), 0.9)  # head 4: fully rotated
+    return mixer.double()
+
+
+def _positions(mask, batch, length):
+    if mask is None:
+        return torch.arange(length).expand(batch, length)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _windowed_reference(mixer, x, mask):
+    """w_ij = exp(q_i.k_j * scale) within the window, exp(c_h) phi(q_i).phi(k_j) gamma^|i-j| beyond, one
+    normaliser; rotary applied with HuggingFace's own apply_rotary_pos_emb. Token pair by token pair."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    batch, length, _ = x.shape
+    heads, head, groups, window = mixer.shape.num_heads, mixer.head_dim, mixer.kv_heads, mixer.config.window
+    q = mixer.q(x).view(batch, length, heads, head).transpose(1, 2)
+    k = mixer.k(x).view(batch, length, groups, head).transpose(1, 2)
+    v = mixer.v(x).view(batch, length, groups, head).transpose(1, 2)
+    if mixer.rotary:
+        freqs = _positions(mask, batch, length).unsqueeze(-1).float() * mixer.rope_inv_freq.float()
+        emb = torch.cat([freqs, freqs], -1)
+        scaling = float(mixer.rope_scaling)
+        q, k = apply_rotary_pos_emb(q, k, (emb.cos() * scaling).double(), (emb.sin() * scaling).double())
+    qf = _features(q, mixer.q_map, mixer.q_map_bias, "hedgehog")
+    kf = _features(k, mixer.k_map, mixer.k_map_bias, "hedgehog")
+    out = torch.zeros(batch, heads, length, head, dtype=x.dtype)
+    for b in range(batch):
+        for h in range(heads):
+            g = h // (heads // groups)
+            gamma = 1.0 if mixer.decay_logit is None else torch.sigmoid(mixer.decay_logit[h])
+            for i in range(length):
+                num, den = 0.0, 0.0
+                for j in range(length):
+                    if (mixer.shape.causal and j > i) or (mask is not None and not mask[b, j]):
+                        continue
+                    near = (i - j < window) if mixer.shape.causal else abs(i - j) < window
+                    if near:
+                        w = torch.exp((q[b, h, i] * k[b, g, j]).sum() * mixer.softmax_scale)
+                    else:
+                        w = torch.exp(mixer.tail_log_scale[h]) * (qf[b, h, i] * kf[b, g, j]).sum() * gamma ** abs(i - j)
+                    num, den = num + w * v[b, g, j], den + w
+                out[b, h, i] = num / den if den > 0 else 0.0
+    if mask is not None:
+        out = out * mask.view(batch, 1, length, 1)
+    return out.transpose(1, 2).reshape(batch, length, -1)
+
+
+@pytest.mark.parametrize("causal,decay,kv_heads,rotary", [(False, False, 0, False), (False, True, 2, True),
+                                                           (True, False, 2, False), (True, True, 0, True),
+                                                           (True, True, 2, True)])
+def test_window_form_equals_token_pair_reference(causal, decay, kv_heads, rotary):
+    x = torch.randn(2, 10, 12, dtype=torch.double)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    if causal:
+        mask[1, :3] = False  # left padding, as generate() pads
+    else:
+        mask[1, 7:] = False
+    with torch.no_grad():
+        for window in (1, 3, 12):  # 1: softmax over the token itself only; 12 >= N: softmax everywhere
+            mixer = _windowed_mixer(causal, decay, kv_heads, window=window, rotary=rotary)
+            torch.testing.assert_close(mixer(x), _windowed_reference(mixer, x, None), atol=1e-10, rtol=1e-9)
+            torch.testing.assert_close(mixer(x, mask), _windowed_reference(mixer, x, mask), atol=1e-10, rtol=1e-9)
+            for chunk in (1, 4, 64):  # the query block is how, not what
+                other = _windowed_mixer(causal, decay, kv_heads, window=window, chunk=chunk, rotary=rotary)
+                torch.testing.assert_close(other(x, mask), mixer(x, mask), atol=1e-10, rtol=1e-9)
+
+
+def test_window_training_form_has_gradients_everywhere():
+    for causal in (False, True):
+        mixer = _windowed_mixer(causal, True, kv_heads=2, window=3).float()
+        mixer(torch.randn(2, 9, 12), torch.ones(2, 9, dtype=torch.bool)).square().sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                   for p in mixer.parameters())
+
+
+@pytest.mark.parametrize("window,rotary", [(1, False), (4, True), (16, True)])
+def test_window_decoding_equals_sequence_form_with_a_bounded_state(window, rotary):
+    mixer = _windowed_mixer(True, True, kv_heads=2, window=window, rotary=rotary)
+    form = get_replacement("linear").decoding
+    x = torch.randn(2, 11, 12, dtype=torch.double)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.no_grad():
+        whole = mixer(x, mask)
+        y, state = form.prefill(mixer, x[:, :6], mask[:, :6])
+        outs = [y]
+        for t in range(6, 11):
+            y_t, state = form.step(mixer, x[:, t:t + 1], state)
+            outs.append(y_t)
+        torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-10, rtol=1e-9)
+        empty = form.init_state(mixer, 2)
+        assert [s.shape for s in state] == [s.shape for s in empty]  # the window's keys/values: fixed size
+        assert state[1].shape == (2, 2, window, 4) and len(state) == 3 + rotary
+        if rotary:
+            assert state[-1].tolist() == [11, 8]  # next position per row: real tokens so far
+        first, state2 = form.prefill(mixer, x[:, :4], mask[:, :4])  # a chunk after earlier tokens
+        rest, _ = form.prefill(mixer, x[:, 4:], None, state2)
+        torch.testing.assert_close(torch.cat([first, rest], 1), whole, atol=1e-10, rtol=1e-9)
+
+
+_WINDOW_CASES = {"bert": (tiny_bert, lambda: {"input_ids": ids(2, 9)}),
+                 "gpt2": (tiny_gpt2_lm, lambda: {"input_ids": ids(2, 9)}),
+                 "llama": (tiny_llama_lm, lambda: {"input_ids": ids(2, 9)}),
+                 "vit": (tiny_vit, lambda: torch.randn(2, 3, 32, 32))}
+
+
+@pytest.mark.parametrize("family", sorted(_WINDOW_CASES))
+def test_a_window_over_every_token_is_the_original_attention(family):
+    """window >= N: exact softmax everywhere, so the replaced model computes the original's function
+    (Llama: the teacher's rotary embedding applied to the copied queries and keys)."""
+    import copy
+
+    build, inputs = _WINDOW_CASES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    original = copy.deepcopy(model).double()
+    example = inputs()
+    config = {"window": 17, "decay": True, "kv_heads": 2 if family == "llama" else 0}  # ViT: 17 tokens
+    surgery.replace_attention(model, "linear", example if isinstance(example, dict) else example[:1], config=config)
+    copy_attention_weights(model)
+    model.double()
+    run = (lambda m: m(**example)) if isinstance(example, dict) else (lambda m: m(example.double()))
+    with torch.no_grad():
+        got, expected = run(model), run(original)
+    got, expected = (got if torch.is_tensor(got) else got[0]), (expected if torch.is_tensor(expected) else expected[0])
+    torch.testing.assert_close(got, expected, atol=1e-9, rtol=1e-7)
+    if family == "llama":
+        mixer = model.get_submodule("model.layers.0.self_attn").mixer
+        assert mixer.rotary and mixer.rope_inv_freq.shape == (4,)  # head width 8
+        mixer.rope_inv_freq = None  # without the rotation the copied q/k score other pairs
+        with torch.no_grad():
+            assert (run(model)[0] - expected).abs().max() > 1e-4
+
+
+def test_rotary_site_without_readable_frequencies_is_one_line():
+    class Rotated(torch.nn.Module):  # takes position_embeddings, but has no config to rebuild them from
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(12, 16) for _ in range(3))
+
+        def forward(self, hidden_states, position_embeddings=None):
+            return hidden_states
+
+    mixer = _mixer(True, False).float()
+    with pytest.raises(SurgeryError, match=r"site 'layers.2.attn' \(Rotated\) takes rotary.*init='none'") as error:
+        init_from_teacher(mixer, TeacherEvidence(None, None, [], original=Rotated(),
+                                                 site=type("S", (), {"name": "layers.2.attn"})()))
+    assert "\n" not in str(error.value)
+
+
+def test_teacher_start_fits_the_weight_beyond_the_window():
+    from surgery.distill.init import initialise_from_teacher
+
+    torch.manual_seed(0)
+    model = tiny_bert().eval()
+    data = [{"input_ids": ids(2, 12)} for _ in range(2)]
+    surgery.replace_attention(model, "linear", data[0], config={"window": 3})
+    chosen = initialise_from_teacher(model, data, batches=2)
+    scales = chosen["encoder.layer.0.attention.self"]
+    assert len(scales) == 4 and all(s > 0 for s in scales) and any(abs(s - 1) > 1e-3 for s in scales)
+    mixer = model.get_submodule("encoder.layer.0.attention.self").mixer
+    torch.testing.assert_close(mixer.tail_log_scale.exp(), torch.tensor(scales), atol=1e-5, rtol=1e-5)
+    wide = tiny_bert().eval()
+    surgery.replace_attention(wide, "linear", data[0], config={"window": 12})
+    assert initialise_from_teacher(wide, data, batches=2)["encoder.layer.0.attention.self"] == [1.0] * 4
