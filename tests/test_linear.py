@@ -92,6 +92,19 @@ def test_training_form_has_gradients_everywhere():
                for p in mixer.parameters())
 
 
+def _decode_matches_sequence_form(mixer, form, x, mask, split=6):
+    """Prefill the first ``split`` tokens, step through the rest one at a time, check the outputs equal
+    the sequence form on the whole input; returns that output and the final decoding state."""
+    whole = mixer(x, mask)
+    y, state = form.prefill(mixer, x[:, :split], mask[:, :split])
+    outs = [y]
+    for t in range(split, x.shape[1]):
+        y_t, state = form.step(mixer, x[:, t:t + 1], state)
+        outs.append(y_t)
+    torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-10, rtol=1e-9)
+    return whole, state
+
+
 @pytest.mark.parametrize("kv_heads", [0, 2])
 @pytest.mark.parametrize("decay", [False, True])
 def test_decoding_prefill_and_steps_equal_sequence_form(decay, kv_heads):
@@ -101,13 +114,7 @@ def test_decoding_prefill_and_steps_equal_sequence_form(decay, kv_heads):
     mask = torch.ones(2, 11, dtype=torch.bool)
     mask[1, :3] = False
     with torch.no_grad():
-        whole = mixer(x, mask)
-        y, state = form.prefill(mixer, x[:, :6], mask[:, :6])
-        outs = [y]
-        for t in range(6, 11):
-            y_t, state = form.step(mixer, x[:, t:t + 1], state)
-            outs.append(y_t)
-        torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-10, rtol=1e-9)
+        whole, state = _decode_matches_sequence_form(mixer, form, x, mask)
         assert state[0].shape == form.init_state(mixer, 2)[0].shape  # fixed size, whatever the length
         chunked, state2 = form.prefill(mixer, x[:, :4], mask[:, :4])
         rest, _ = form.prefill(mixer, x[:, 4:], None, state2)
@@ -373,13 +380,7 @@ def test_window_decoding_equals_sequence_form_with_a_bounded_state(window, rotar
     mask = torch.ones(2, 11, dtype=torch.bool)
     mask[1, :3] = False
     with torch.no_grad():
-        whole = mixer(x, mask)
-        y, state = form.prefill(mixer, x[:, :6], mask[:, :6])
-        outs = [y]
-        for t in range(6, 11):
-            y_t, state = form.step(mixer, x[:, t:t + 1], state)
-            outs.append(y_t)
-        torch.testing.assert_close(torch.cat(outs, 1), whole, atol=1e-10, rtol=1e-9)
+        whole, state = _decode_matches_sequence_form(mixer, form, x, mask)
         empty = form.init_state(mixer, 2)
         assert [s.shape for s in state] == [s.shape for s in empty]  # the window's keys/values: fixed size
         assert state[1].shape == (2, 2, window, 4) and len(state) == 3 + rotary
