@@ -14,6 +14,7 @@ at the last real token; outputs at pads are zero); forward-only mixers run throu
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -214,6 +215,19 @@ def batched_forward(mixers: list[nn.Module], inputs: list[torch.Tensor], mask: t
 RECURRENT_WEIGHTS = ("float32", "float16")
 
 
+def check_recurrent_weights(value: str) -> str:
+    """``value`` if it names a precision of ``RECURRENT_WEIGHTS``, else a one-line ``SurgeryError``.
+
+    Example:
+        >>> check_recurrent_weights("float16")
+        'float16'
+    """
+    if value not in RECURRENT_WEIGHTS:
+        raise SurgeryError(f"recurrent_weights={value!r} is not a choice: use one of "
+                           f"{', '.join(repr(c) for c in RECURRENT_WEIGHTS)} (float32 is exact, the default)")
+    return value
+
+
 def tile_columns(weight: torch.Tensor) -> torch.Tensor:
     """[U, R, C] -> [U, R * C], the kernel's column-tiled layout: the C columns (a multiple of 8)
     cut into blocks of 64, then 8, each block stored [R rows][width] at offset (first column) * R,
@@ -284,9 +298,7 @@ class FastMultiHeadRecurrent(nn.Module):
         super().__init__()
         if recurrent_weights is None:
             recurrent_weights = source.__dict__.get("_recurrent_weights", "float32")
-        if recurrent_weights not in RECURRENT_WEIGHTS:
-            raise ValueError(f"recurrent_weights={recurrent_weights!r}: choose one of {', '.join(RECURRENT_WEIGHTS)}")
-        self.recurrent_weights = recurrent_weights
+        self.recurrent_weights = check_recurrent_weights(recurrent_weights)
         rnns = [head.rnn for head in source.heads]
         kinds = {type(rnn) for rnn in rnns}
         if len(kinds) != 1 or not issubclass(kinds.pop(), (nn.LSTM, nn.GRU)):
@@ -464,10 +476,87 @@ def _padded(mixer: nn.Module) -> int:
     return -(-max(h.rnn.hidden_size for h in mixer.heads) // 8) * 8
 
 
+_VERSION, _SHAPE = operator.attrgetter("_version"), operator.attrgetter("shape")
+
+
+class WeightsWatch:
+    """What a packed copy of a module's weights was built from, checked in microseconds per call.
+
+    Unchanged means: every ``_parameters`` / ``_modules`` table of the module tree holds the same
+    objects under the same names and no others (pruning, ``resize`` and parametrizations replace,
+    add or remove them), and every parameter keeps its version counter (an optimiser step or
+    ``load_state_dict`` bumps it), storage (``.to()``, ``p.data = ...``) and shape. Writes through
+    ``p.data`` bypass the version counter, as they bypass autograd; after those call
+    ``weights_token(module, refresh=True)``. Copies and pickles as an empty watch, never unchanged:
+    a copied module's packed forms are rebuilt from its own weights.
+    """
+
+    __slots__ = ("_tables", "_sizes", "_owners", "_names", "_values", "_params", "_versions",
+                 "_pointers", "_shapes", "_storages")
+
+    def __init__(self, module: nn.Module | None = None) -> None:
+        modules = [] if module is None else list(module.modules())
+        self._tables = [table for m in modules for table in (m._parameters, m._modules)]
+        self._sizes = list(map(len, self._tables))
+        entries = [(table, name, value) for table in self._tables for name, value in table.items()]
+        self._owners = [table for table, _, _ in entries]
+        self._names = [name for _, name, _ in entries]
+        self._values = [value for _, _, value in entries]
+        self._params = [p for m in modules for p in m._parameters.values() if p is not None]
+        self._versions = list(map(_VERSION, self._params))
+        self._pointers = list(map(torch.Tensor.data_ptr, self._params))
+        self._shapes = list(map(_SHAPE, self._params))
+        # the storages stay alive, so no later tensor can take their addresses (p.data = x twice
+        # between two checks could otherwise land where the first storage was)
+        self._storages = [p.data for p in self._params]
+        if module is None:
+            self._sizes = None  # never unchanged: nothing was watched
+
+    def unchanged(self) -> bool:
+        return (list(map(len, self._tables)) == self._sizes
+                and all(map(operator.is_, map(dict.get, self._owners, self._names), self._values))
+                and list(map(_VERSION, self._params)) == self._versions
+                and list(map(torch.Tensor.data_ptr, self._params)) == self._pointers
+                and list(map(_SHAPE, self._params)) == self._shapes)
+
+    def __deepcopy__(self, memo: dict) -> "WeightsWatch":
+        return WeightsWatch()
+
+    def __reduce__(self):
+        return WeightsWatch, ()
+
+
+def weights_token(module: nn.Module, refresh: bool = False) -> WeightsWatch:
+    """An object replaced by a new one whenever ``module``'s weights or structure change (see
+    ``WeightsWatch``): the cache key of every packed form built from them (the inference form, the
+    decode step's; compared by identity), so one cheap check per call replaces rebuilding a key
+    from every parameter.
+
+    Args:
+        module: the module whose parameters a cached form was built from.
+        refresh: count a change even if none is seen (after in-place writes through ``p.data``).
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> first = weights_token(lin)
+        >>> weights_token(lin) is first
+        True
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.mul_(2)
+        >>> weights_token(lin) is first
+        False
+    """
+    watch = module.__dict__.get("_weights_watch")
+    if watch is None or refresh or not watch.unchanged():
+        watch = WeightsWatch(module)
+        object.__setattr__(module, "_weights_watch", watch)
+    return watch
+
+
 def _step_form(mixer: nn.Module) -> "FastMultiHeadRecurrent":
     """The packed weights the decode step reads (all heads in one bmm per layer), rebuilt when a
-    weight changes (same key as ``MultiHeadRecurrent.inference_form``). Not a submodule."""
-    key = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in mixer.parameters())
+    weight changes (``weights_token``, as ``MultiHeadRecurrent.inference_form``). Not a submodule."""
+    key = (weights_token(mixer), mixer.__dict__.get("_recurrent_weights"))
     cached = mixer.__dict__.get("_step_cache")
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():

@@ -21,7 +21,9 @@ from .recurrence import (
     batch_key,
     batched_forward,
     cell_type,
+    check_recurrent_weights,
     is_right_padded,
+    weights_token,
 )
 from surgery.registry import BatchedTraining, MixerShape, ReplacementConfig, using_reference_forms
 from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
@@ -148,7 +150,8 @@ class MultiHeadRecurrent(nn.Module):
         chunks = x.split(self.shape.head_dim, dim=-1)
         return torch.cat([head(c, lengths) for head, c in zip(self.heads, chunks)], dim=-1)
 
-    def inference_form(self, x: torch.Tensor | None = None, use_kernel: bool | None = None) -> nn.Module | None:
+    def inference_form(self, x: torch.Tensor | None = None, use_kernel: bool | None = None,
+                       recurrent_weights: str | None = None) -> nn.Module | None:
         """The inference form of this mixer (``FastMultiHeadRecurrent``), packed once and kept until a
         weight changes (an optimiser step, pruning, ``load_state_dict``: each changes a tensor's
         version or storage). None where it does not apply: not CPU float32 (on GPUs cuDNN's fused
@@ -158,7 +161,15 @@ class MultiHeadRecurrent(nn.Module):
         Args:
             x: an input about to be served (its device and dtype decide); None = the weights'.
             use_kernel: pin the native kernel on (True) or off (False); None = keep the choice.
+            recurrent_weights: the precision of W_hh in the inference and decode-step forms:
+                ``"float32"`` (exact, the default) or ``"float16"`` (opt-in, rounded; see
+                ``surgery.fast.optimize``); None = keep the choice. Kept on the mixer, not saved.
         """
+        if recurrent_weights is not None and check_recurrent_weights(recurrent_weights) != \
+                self.__dict__.get("_recurrent_weights", "float32"):
+            object.__setattr__(self, "_recurrent_weights", recurrent_weights)
+            self.__dict__.pop("_step_cache", None)  # the decode step's packed weights follow the choice
+        precision = self.__dict__.get("_recurrent_weights", "float32")
         reference = self.heads[0].rnn.weight_ih_l0
         probe = reference if x is None else x
         if probe.device.type != "cpu" or probe.dtype != torch.float32 or reference.dtype != torch.float32:
@@ -166,15 +177,15 @@ class MultiHeadRecurrent(nn.Module):
         if use_kernel is not None:
             object.__setattr__(self, "_use_kernel", use_kernel)
         choice = self.__dict__.get("_use_kernel")
-        if choice is None and load_kernel() is None:
+        if choice is None and precision == "float32" and load_kernel() is None:
             # without the native kernel the per-head nn.LSTM is the faster form (the PyTorch loop is
             # the kernel's reference, ~3x slower at batch 1); use_kernel=False still asks for the loop
             return None
-        key = (choice, tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in self.parameters()))
+        key = (choice, weights_token(self))
         cached = self.__dict__.get("_inference_cache")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or cached[1].recurrent_weights != precision:
             with torch.inference_mode(False), torch.no_grad():
-                cached = (key, FastMultiHeadRecurrent(self, use_kernel=choice))
+                cached = (key, FastMultiHeadRecurrent(self, use_kernel=choice, recurrent_weights=precision))
             object.__setattr__(self, "_inference_cache", cached)
         return cached[1]
 
@@ -342,9 +353,10 @@ FLOP_HANDLES: dict[str, Callable] = {
 
 # ------------------------------------------------------------------------------------ the record
 
-def inference_form(mixer: MultiHeadRecurrent, *, use_kernel: bool | None = None) -> nn.Module | None:
+def inference_form(mixer: MultiHeadRecurrent, *, use_kernel: bool | None = None,
+                   recurrent_weights: str | None = None) -> nn.Module | None:
     """The registry's ``inference_form`` hook: the mixer's own (cached) inference form."""
-    return mixer.inference_form(use_kernel=use_kernel)
+    return mixer.inference_form(use_kernel=use_kernel, recurrent_weights=recurrent_weights)
 
 
 def recurrent_hooks() -> dict[str, Any]:

@@ -7,21 +7,29 @@ its convolutions. Training runs the batched training form; every form computes t
 so ``surgery.save`` / ``surgery.load`` work at any time and a loaded model is fast in eval mode.
 
 ``optimize(model)`` now only puts the model in eval mode, packs the inference forms ahead of the
-first call (and pins the native kernel on or off), and optionally pads pruned MLP widths. The
+first call (and pins the native kernel on or off), optionally pads pruned MLP widths, and is where
+the opt-in float16 recurrent weights are chosen (``recurrent_weights="float16"``). The
 inference-form classes stay importable from here.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
+from surgery.errors import SurgeryError
 from surgery.registry import get_replacement, reference_forms
 from surgery.replacements.conv import FastTokenConvolution
 from surgery.replacements.native import kernel_status
-from surgery.replacements.recurrence import FastMultiHeadRecurrent, _recurrence_torch  # noqa: F401
+from surgery.replacements.recurrence import (  # noqa: F401
+    RECURRENT_WEIGHTS,
+    FastMultiHeadRecurrent,
+    _recurrence_torch,
+    check_recurrent_weights,
+)
 
 __all__ = ["FastMultiHeadRecurrent", "FastTokenConvolution", "ReferenceForms", "kernel_status", "optimize"]
 
@@ -83,8 +91,17 @@ def _pad_hidden_linears(model: nn.Module, multiple: int = 8) -> int:
     return padded
 
 
+def _takes_recurrent_weights(hook: Any) -> bool:
+    """Whether an ``inference_form`` hook names a ``recurrent_weights`` parameter (``mhlstm``/``gru``
+    do; ``conv``/``linear`` hold no recurrent weights and do not)."""
+    try:
+        return "recurrent_weights" in inspect.signature(hook).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def optimize(model: nn.Module, *, use_kernel: bool | None = None, fold_projection: bool = True,
-             pad_mlp: bool = False) -> nn.Module:
+             pad_mlp: bool = False, recurrent_weights: str = "float32") -> nn.Module:
     """Compatibility call: eval mode, the inference forms packed now rather than on the first call.
 
     The model keeps its structure (so it saves and loads as before); its replacements run their
@@ -99,6 +116,14 @@ def optimize(model: nn.Module, *, use_kernel: bool | None = None, fold_projectio
             loaded again); the structure is no longer changed.
         pad_mlp: pad MLP hidden widths left odd by pruning to a multiple of 8 (exact zeros; the
             padded model saves and loads like any pruned one).
+        recurrent_weights: precision of the recurrent weights W_hh of every ``mhlstm``/``gru``
+            inference form and decode step: ``"float32"`` (exact, the default; calling again with it
+            undoes ``"float16"``) or ``"float16"`` (opt-in: W_hh rounded to float16, half the bytes
+            the kernel streams per step; inputs, states and gates stay float32; its fidelity cost
+            is measured in docs/choosing-a-replacement.md). Kept on each mixer until changed, not
+            saved: a loaded model starts at float32. Replacements without recurrent weights
+            (``conv``, ``linear``) are unaffected; ``"float16"`` on a model that has none of them,
+            or whose recurrent mixers have no inference form (not CPU float32), is refused.
 
     Returns:
         The same model object, in eval mode.
@@ -112,11 +137,28 @@ def optimize(model: nn.Module, *, use_kernel: bool | None = None, fold_projectio
     """
     from surgery.swap import replaced_sites
 
+    check_recurrent_weights(recurrent_weights)
+    sites = [(wrapper, get_replacement(wrapper.replacement).inference_form) for wrapper in replaced_sites(model)]
+    recurrent = [(wrapper, hook) for wrapper, hook in sites if hook is not None and _takes_recurrent_weights(hook)]
+    if recurrent_weights != "float32" and not recurrent:
+        kinds = sorted({wrapper.replacement for wrapper, _ in sites}) or ["none"]
+        raise SurgeryError(f"recurrent_weights={recurrent_weights!r} applies to recurrent replacements (mhlstm, "
+                           f"gru); this model's replacements are {', '.join(kinds)}: drop the option")
     model.eval()
-    for wrapper in replaced_sites(model):
-        hook = get_replacement(wrapper.replacement).inference_form
-        if hook is not None:
+    takes, served = {id(wrapper) for wrapper, _ in recurrent}, 0
+    for wrapper, hook in sites:
+        if hook is None:
+            continue
+        if id(wrapper) in takes:
+            served += hook(wrapper.mixer, use_kernel=use_kernel, recurrent_weights=recurrent_weights) is not None
+        else:
             hook(wrapper.mixer, use_kernel=use_kernel)
+    if recurrent_weights != "float32" and not served:
+        for wrapper, hook in recurrent:  # leave no mixer holding a choice that nothing serves
+            hook(wrapper.mixer, recurrent_weights="float32")
+        raise SurgeryError(f"recurrent_weights={recurrent_weights!r} needs the CPU float32 inference form, which "
+                           "this model's recurrent mixers do not run (on a GPU or in another dtype they run "
+                           "cuDNN / nn.LSTM in the model's own precision): drop the option")
     if pad_mlp:
         _pad_hidden_linears(model)
     return model
