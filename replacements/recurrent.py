@@ -167,8 +167,7 @@ class MultiHeadRecurrent(nn.Module):
         """
         if recurrent_weights is not None and check_recurrent_weights(recurrent_weights) != \
                 self.__dict__.get("_recurrent_weights", "float32"):
-            object.__setattr__(self, "_recurrent_weights", recurrent_weights)
-            self.__dict__.pop("_step_cache", None)  # the decode step's packed weights follow the choice
+            object.__setattr__(self, "_recurrent_weights", recurrent_weights)  # the decode step's key reads it too
         precision = self.__dict__.get("_recurrent_weights", "float32")
         reference = self.heads[0].rnn.weight_ih_l0
         probe = reference if x is None else x
