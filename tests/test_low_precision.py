@@ -149,3 +149,23 @@ def test_the_decode_step_follows_the_choice(replacement):
     assert (exact - reference).abs().max() <= 1e-5
     assert (back - reference).abs().max() <= 1e-5
     assert 0 < (half - exact).abs().max() <= FLOAT16_TOLERANCE * exact.abs().max()
+
+
+def test_bench_cli_times_float16_recurrent_weights(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    runner, out = CliRunner(), tmp_path / "run"
+    result = runner.invoke(app, ["replace", "--model", "py:models:hand_written_factory", "--with", "gru",
+                                 "--allow-code", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["bench", str(out), "--allow-code", "--recurrent-weights", "float16", "--repeats",
+                                 "1", "--warmup", "0", "--threads", "1", "--no-flops", "--no-memory", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["recurrent_weights"] == "float16"
+    for bad in (["--recurrent-weights", "int8"], ["--recurrent-weights", "float16", "--no-fast"]):
+        result = runner.invoke(app, ["bench", str(out), "--allow-code", *bad])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output

@@ -31,6 +31,9 @@ def bench_command(
     fast: Annotated[bool, typer.Option(
         "--fast/--no-fast", help="Time the replacements' inference form (what eval mode runs) or, with --no-fast, "
         "their reference form (mhlstm/gru: one nn.LSTM/GRU per head).")] = True,
+    recurrent_weights: Annotated[str, typer.Option(
+        "--recurrent-weights", help="Precision of the mhlstm/gru recurrent weights W_hh in the fast form: float32 "
+        "(exact) or float16 (opt-in; see surgery.fast.optimize).")] = "float32",
     flops: Annotated[bool, typer.Option("--flops/--no-flops", help="Count FLOPs (fvcore, 1 flop = 1 MAC).")] = True,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak activation memory.")] = True,
     allow_code: AllowCodeOption = False,
@@ -50,6 +53,11 @@ def bench_command(
     batches = sorted(set(batch or [1]))
     if any(b < 1 for b in batches) or repeats < 1 or warmup < 0:
         raise SurgeryError("--batch and --repeats must be >= 1 and --warmup >= 0")
+    from surgery.fast import check_recurrent_weights
+
+    if check_recurrent_weights(recurrent_weights) != "float32" and not fast:
+        raise SurgeryError(f"--recurrent-weights {recurrent_weights} sets the fast form's precision; "
+                           "--no-fast times the reference form: drop one of them")
     candidate, label, source = _load_candidate(run_or_model, allow_code)
     reference_spec = vs or source
     if not reference_spec:
@@ -64,6 +72,10 @@ def bench_command(
                            "pass --allow-code if you trust it")
     original = load_model(reference_spec, random_init=True)
     finalize(candidate)
+    if recurrent_weights != "float32":
+        from surgery.fast import optimize
+
+        optimize(candidate, recurrent_weights=recurrent_weights)
     counted = candidate
     if not fast:  # the inference form is the default in eval mode; --no-fast times the reference form
         from surgery.fast import ReferenceForms
@@ -102,12 +114,15 @@ def bench_command(
 
     used_threads = threads or torch.get_num_threads()
     info = {"candidate": label, "original": reference_spec, "threads": used_threads, "repeats": repeats,
-            "fast": fast, "kernel": _kernel_info(fast), "torch": torch.__version__}
+            "fast": fast, "recurrent_weights": recurrent_weights, "kernel": _kernel_info(fast),
+            "torch": torch.__version__}
     if json_output:
         print_json({**info, "rows": rows})
         return
     print_table(f"{label} vs {reference_spec} ({used_threads} threads, {repeats} interleaved repeats"
-                f"{', fast form' if fast else ', reference form'}; ratio = value / original)",
+                f"{', fast form' if fast else ', reference form'}"
+                f"{'' if recurrent_weights == 'float32' else f', {recurrent_weights} recurrent weights'}"
+                "; ratio = value / original)",
                 ["metric", "batch", "value", "original", "ratio"], ratio_table(rows))
 
 
