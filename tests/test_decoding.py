@@ -197,3 +197,76 @@ def test_decode_step_refuses_a_wrong_number_of_states():
     with pytest.raises(surgery.SurgeryError, match="takes 4 state tensors") as error:
         step(torch.randn(1, 1, 16))
     assert len(str(error.value).splitlines()) == 1
+
+
+# ------------------------------------------------------------------- packed weights stay current
+
+def _change_weights(name, mixer, how, seed):
+    """Change ``mixer``'s weights the way ``how`` names, after a decode step packed them."""
+    torch.manual_seed(seed)
+    if how == "optimizer step":
+        optimizer = torch.optim.SGD(mixer.parameters(), lr=0.5)
+        mixer.reference_forward(torch.randn(1, 4, 16)).square().sum().backward()
+        optimizer.step()  # in place: same Parameter objects, same storage, new versions
+    elif how == "pruned":
+        get_replacement(name).make_pruner().unit_bundles(mixer, "mixer")[0].apply([[0, 2]])  # new Parameters, new shapes
+    elif how == "parameter replaced":
+        out = mixer.heads[1].out
+        out.weight = torch.nn.Parameter(torch.randn_like(out.weight))  # torch-pruning's way
+    elif how == "load_state_dict":
+        mixer.load_state_dict({k: torch.randn_like(v) for k, v in mixer.state_dict().items()})
+    elif how == "data assigned twice":
+        weight = mixer.heads[0].rnn.weight_hh_l0
+        weight.data = weight.data * 2  # no version bump; twice, so the allocator may reuse an address
+        weight.data = weight.data * 2
+    elif how == "to float64 and back":
+        mixer.double()
+        with torch.no_grad():
+            mixer.heads[2].rnn.bias_ih_l0.add_(1.0)
+        mixer.float()
+
+
+@pytest.mark.parametrize("how", ["optimizer step", "pruned", "parameter replaced", "load_state_dict",
+                                 "data assigned twice", "to float64 and back"])
+@pytest.mark.parametrize("name", ["mhlstm", "gru"])
+def test_a_weight_change_after_a_decode_step_reaches_the_next_step(name, how):
+    form, mixer = _mixer(name, {})
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        _, state = form.prefill(mixer, x[:, :3])
+        before, _ = form.step(mixer, x[:, 3:4], state)  # packs the weights
+        mixer(x)  # and the inference form
+    _change_weights(name, mixer.train(), how, seed=7)
+    mixer.eval()
+    with torch.no_grad():
+        got, got_state = form.step(mixer, x[:, 3:4], state)
+        want, want_state = form.prefill(mixer, x[:, 3:4], None, state)  # the per-head networks
+        full = mixer(x)
+    assert not torch.allclose(got, before, atol=1e-4)  # the change matters
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for k, head in enumerate(mixer.heads):  # lanes past a pruned head's size are never read
+        size = head.rnn.hidden_size
+        for g, w in zip(got_state, want_state):
+            torch.testing.assert_close(g[:, :, k, :size], w[:, :, k, :size], atol=1e-5, rtol=1e-5)
+    with surgery.registry.reference_forms(), torch.no_grad():
+        torch.testing.assert_close(full, mixer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_copied_mixer_packs_its_own_weights():
+    import copy
+    import pickle
+
+    form, mixer = _mixer("mhlstm", {})
+    x = torch.randn(1, 4, 16)
+    state = form.init_state(mixer, 1)
+    with torch.no_grad():
+        original, _ = form.step(mixer, x[:, :1], state)
+        for twin in (copy.deepcopy(mixer), pickle.loads(pickle.dumps(mixer))):
+            with torch.no_grad():
+                twin.heads[0].out.weight.mul_(-1)
+            got, _ = form.step(twin, x[:, :1], state)
+            want, _ = form.prefill(twin, x[:, :1], None, state)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(got, original, atol=1e-4)
+        again, _ = form.step(mixer, x[:, :1], state)
+    torch.testing.assert_close(again, original)
