@@ -13,6 +13,12 @@ ratio and the flatness over context are measured in one interleaved run. Medians
 original. Memory: bytes of the original's keys and values after the prompt vs bytes of the
 replaced sites' states.
 
+The floor (``no mixer (floor)``, on unless ``--no-floor``): the original with every attention module
+returning zeros, everything else identical (embeddings, norms, MLPs, LM head, the model's Python),
+decoded the same way in the same interleaved loop: the per-token cost no replacement can go below.
+``floor_ratio`` = floor / original per context says which ratio a shape can reach at all: a
+replacement's ratio is ``floor_ratio`` plus what its own step costs relative to the original.
+
 Shapes: ``gpt2`` (GPT-2 small: 12 layers, width 768, 12 heads, vocabulary 50257), ``llama`` (a
 Llama-style 1024-wide model: 16 query / 4 KV heads, SwiGLU 2816, vocabulary 32000, 8 layers),
 ``smollm2`` (the real SmolLM2-135M-Instruct config: 30 layers, width 576, 9 query / 3 KV heads,
@@ -28,6 +34,9 @@ Run (about 25 minutes on the 2-core build machine at load average ~8, 1 thread; 
 for the batch-8 caches at every context at once):
     python benchmarks/decode.py --shapes smollm2 gpt2 --weights real --profile \
         --json benchmarks/results/decode_full.json --plot docs/img/decode.png
+The floor at 2048 / 8192 tokens for the real SmolLM2 and the built-in Llama shape (about 10 minutes):
+    OMP_NUM_THREADS=1 python benchmarks/decode.py --shapes smollm2 llama --weights real \
+        --contexts 2048 8192 --batch 1 --profile --json benchmarks/results/decode_floor.json
 """
 
 from __future__ import annotations
@@ -51,6 +60,30 @@ import surgery  # noqa: E402
 from surgery.decoding import prefill, time_steps  # noqa: E402
 
 DEPTH = {"gpt2": 12, "llama": 8, "smollm2": 30}
+FLOOR = "no mixer (floor)"
+
+
+class NoMixer(torch.nn.Module):
+    """The floor's token mixer: zeros in place of the attention output, no cache entry (the block
+    still adds its residual, so every other module runs exactly as in the original)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+def floor_model(original: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``original`` whose attention modules (Llama ``self_attn``, GPT-2 ``attn``) return zeros."""
+    floor = copy.deepcopy(original)
+    swapped = 0
+    for module in list(floor.modules()):
+        for name in ("self_attn", "attn"):
+            if isinstance(getattr(module, name, None), torch.nn.Module) and not isinstance(module, NoMixer):
+                setattr(module, name, NoMixer())
+                swapped += 1
+    if swapped != floor.config.num_hidden_layers:
+        raise SystemExit(f"the floor swapped {swapped} attention modules, expected one per layer "
+                         f"({floor.config.num_hidden_layers})")
+    return floor
 
 
 def build(shape: str, layers: int | None, context: int, vocab: int | None = None, weights: str = "random"):
@@ -136,8 +169,9 @@ def _profile(models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: in
                 spent["replacement step"] = spent.get("replacement step", 0.0) + time.perf_counter() - start
 
         form.step = timed_step
-        # the recurrent step re-checks its packed weights on every call (replacements/recurrence.py)
-        import replacements.recurrence as recurrence
+        # the recurrent step re-checks its packed weights on every call (replacements/recurrence.py;
+        # the installed module, the one the step's globals read)
+        import surgery.replacements.recurrence as recurrence
 
         original_pack = recurrence._step_form
 
@@ -174,7 +208,7 @@ def _profile(models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: in
 # ---------------------------------------------------------------------------------- the run
 
 def measure(shape: str, replacement: str, layers: int | None, contexts: list[int], batches: list[int], steps: int,
-            vocab: int | None, weights: str, profile: bool) -> tuple[list[dict], dict | None]:
+            vocab: int | None, weights: str, profile: bool, floor: bool = True) -> tuple[list[dict], dict | None]:
     torch.manual_seed(0)
     original = build(shape, layers, max(contexts) + steps + 8, vocab, weights)
     replaced = copy.deepcopy(original)
@@ -186,6 +220,8 @@ def measure(shape: str, replacement: str, layers: int | None, contexts: list[int
           f"{time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     models = {"attention": original, replacement: replaced}
     profiled = _profile(models, torch.randint(0, vocab, (1, contexts[0])), steps, replacement) if profile else None
+    if floor:
+        models[FLOOR] = floor_model(original)
     rows = []
     prefilled, keyed = {}, {}
     for context in contexts:  # one batch-1 prefill per context and model, kept for every batch size
@@ -209,6 +245,10 @@ def measure(shape: str, replacement: str, layers: int | None, contexts: list[int
                    "memory_bytes_attention_kv": a["kv_bytes"], f"memory_bytes_{replacement}_state": r["state_bytes"],
                    "prefill_s_attention": a["prefill_s"], f"prefill_s_{replacement}": r["prefill_s"],
                    "loadavg_1min": load_now}
+            if floor:
+                f = timed[f"{FLOOR}@{context}"]
+                row.update(ms_per_token_floor=f["ms_per_token"],
+                           floor_ratio=round(f["ms_per_token"] / a["ms_per_token"], 3))
             print(json.dumps(row), flush=True)
             rows.append(row)
         del timed
@@ -249,6 +289,17 @@ def plot(rows: list[dict], replacement: str, path: Path, load: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def print_table(rows: list[dict], replacement: str) -> None:
+    """ms/token of the original, the replaced model and the floor, and both ratios, one line per row."""
+    print(f"{'shape':10} {'context':>7} {'batch':>5} {'attention':>10} {replacement:>10} {'floor':>10} "
+          f"{'replaced/orig':>13} {'floor/orig':>10}")
+    for r in rows:
+        floor = r.get("ms_per_token_floor")
+        print(f"{r['shape']:10} {r['context']:7d} {r['batch']:5d} {r['ms_per_token_attention']:10.1f} "
+              f"{r[f'ms_per_token_{replacement}']:10.1f} {'-' if floor is None else f'{floor:.1f}':>10} "
+              f"{r['latency_ratio']:13.3f} {r.get('floor_ratio', float('nan')):10.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["smollm2", "gpt2"], choices=sorted(DEPTH))
@@ -263,6 +314,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None,
                         help="vocabulary size (default: the shape's); smaller = the LM head weighs less")
     parser.add_argument("--profile", action="store_true", help="break one decode step down per module kind")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="leave out the floor (every attention returning zeros)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="write ms/token vs context to this PNG")
     parser.add_argument("--plot-only", default=None, metavar="JSON", help="only plot the rows of an earlier --json")
@@ -281,13 +334,14 @@ def main() -> None:
               "platform": platform.platform(), "torch": torch.__version__, "rows": rows, "profile": profiles}
     for shape in args.shapes:
         shape_rows, profiled = measure(shape, args.replacement, args.layers, args.contexts, args.batch, args.steps,
-                                       args.vocab, args.weights, args.profile)
+                                       args.vocab, args.weights, args.profile, args.floor)
         rows += shape_rows
         if profiled:
             profiles[shape] = profiled
         result.update(loadavg_after=[round(v, 2) for v in os.getloadavg()], wall_s=round(time.time() - began))
         if args.json:  # after every shape: a run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print_table(rows, args.replacement)
     if args.plot:
         loads = [r["loadavg_1min"] for r in rows]
         plot(rows, args.replacement, Path(args.plot), f"{min(loads):.1f}-{max(loads):.1f} (median "
