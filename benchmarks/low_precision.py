@@ -2,7 +2,7 @@
 
 Run (1 thread; each part is optional):
     OMP_NUM_THREADS=1 python benchmarks/low_precision.py --minilm runs/lp-minilm \\
-        --mnist runs/lp-mnist --latency --json benchmarks/results/low_precision.json
+        --mnist runs/lp-mnist --mixer --latency --json benchmarks/results/low_precision.json
 
 - ``--minilm RUN``: a saved all-MiniLM-L6-v2 student (``surgery replace --model minilm ...``):
   mean cosine between its sentence embeddings and the teacher's on the MiniLM recipe's held-out
@@ -12,6 +12,8 @@ Run (1 thread; each part is optional):
 - ``--mnist RUN``: an MNIST recipe run directory (``surgery recipe mnist --out RUN``): each
   student's (``RUN/<replacement>/stage2``, else ``stage1``) test accuracy on the 1,000 held-out
   digits with float32 and float16 W_hh, how many predictions change, the largest logit difference.
+- ``--mixer``: one DeiT-T mixer's inference form alone (197 tokens, batch 1), float32 and float16
+  interleaved call by call, thread CPU time (less inflated by a busy machine than wall time).
 - ``--latency``: DeiT-T (224 px, batch 1, random weights: costs do not depend on the values) with
   every attention replaced, float32 and float16 copies and the original attention timed
   interleaved in one run (``surgery.measure.measure_latencies``) at ``--threads`` threads.
@@ -132,13 +134,43 @@ def deit_latency(replacements: list[str], repeats: int, warmup: int, threads: in
     return result
 
 
+def mixer_cpu_time(replacements: list[str], repeats: int, tokens: int = 197, batch: int = 1) -> dict:
+    """One DeiT-T mixer's inference form (width 192, 3 heads of 64, ``tokens`` tokens), float32 vs
+    float16 W_hh, interleaved call by call; thread CPU time (``time.thread_time``, 1 thread), which
+    a busy machine's preemption does not inflate as it does wall time."""
+    from surgery.registry import MixerShape, get_replacement
+
+    result = {"shape": "deit_tiny mixer: width 192, 3 heads x 64", "tokens": tokens, "batch": batch,
+              "repeats": repeats, "clock": "thread CPU time", "replacements": {}}
+    torch.manual_seed(0)
+    x = torch.randn(batch, tokens, 192)
+    for replacement in replacements:
+        mixer = get_replacement(replacement).build(MixerShape(192, 192, 3, False)).eval()
+        forms = {precision: mixer.inference_form(recurrent_weights=precision) for precision in ("float32", "float16")}
+        times: dict[str, list[float]] = {precision: [] for precision in forms}
+        with torch.inference_mode():
+            for form in forms.values():
+                form(x)
+            for round_ in range(repeats):
+                for precision in (("float32", "float16") if round_ % 2 else ("float16", "float32")):
+                    began = time.thread_time()
+                    forms[precision](x)
+                    times[precision].append(1e3 * (time.thread_time() - began))
+        medians = {p: sorted(t)[len(t) // 2] for p, t in times.items()}
+        result["replacements"][replacement] = {"float32_ms": medians["float32"], "float16_ms": medians["float16"],
+                                               "float16_over_float32": medians["float16"] / medians["float32"]}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minilm", help="a saved MiniLM student directory")
     parser.add_argument("--sentences", type=int, default=1000, help="held-out sentences at most (in domain)")
     parser.add_argument("--mnist", help="an MNIST recipe run directory")
     parser.add_argument("--latency", action="store_true", help="time DeiT-T float32 vs float16 W_hh")
-    parser.add_argument("--replacements", nargs="+", default=["mhlstm", "gru"], help="for --latency")
+    parser.add_argument("--mixer", action="store_true",
+                        help="CPU time of one DeiT-T mixer's inference form, float32 vs float16 W_hh")
+    parser.add_argument("--replacements", nargs="+", default=["mhlstm", "gru"], help="for --latency and --mixer")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -160,6 +192,9 @@ def main() -> None:
     if args.latency:
         result["latency"] = deit_latency(args.replacements, args.repeats, args.warmup, args.threads)
         print(json.dumps(result["latency"]["ratios"], indent=1), flush=True)
+    if args.mixer:
+        result["mixer"] = mixer_cpu_time(args.replacements, max(args.repeats, 50))
+        print(json.dumps(result["mixer"]["replacements"], indent=1), flush=True)
     result["load_average_after"] = _load_average()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
