@@ -270,3 +270,26 @@ def test_a_copied_mixer_packs_its_own_weights():
             assert not torch.allclose(got, original, atol=1e-4)
         again, _ = form.step(mixer, x[:, :1], state)
     torch.testing.assert_close(again, original)
+
+
+@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv"])
+def test_onnx_decode_step_with_explicit_states_matches_for_16_steps(replacement, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")  # the dynamo ONNX exporter
+    from surgery.export import export
+
+    model = _causal_stack(replacement, seed=5)
+    step = surgery.decoding.DecodeStep(model).eval()
+    x = torch.randn(1, 16, 16)
+    with torch.no_grad(), surgery.decoding.stateful(model):
+        reference = torch.cat([model(x[:, i:i + 1]) for i in range(16)], 1)
+    report = export(step, (x[:, :1], *step.initial_states(1)), tmp_path / "step.onnx", format="onnx")
+    assert report.recurrent_ops == {"mhlstm": ("LSTM",), "gru": ("GRU",), "conv": ()}[replacement]
+    session = onnxruntime.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    states, outputs = [s.numpy() for s in step.initial_states(1)], []
+    assert len(names) == 1 + len(states) and len(session.get_outputs()) == 1 + len(states)
+    for i in range(16):  # the runtime carries the states from one call to the next
+        y, *states = session.run(None, dict(zip(names, [x[:, i:i + 1].numpy(), *states])))
+        outputs.append(torch.from_numpy(y))
+    torch.testing.assert_close(torch.cat(outputs, 1), reference, atol=1e-5, rtol=1e-5)
