@@ -35,7 +35,7 @@ Run (about 25 minutes on the 2-core build machine at load average ~8, 1 thread; 
 for the batch-8 caches at every context at once):
     python benchmarks/decode.py --shapes smollm2 gpt2 --weights real --profile \
         --json benchmarks/results/decode_full.json --plot docs/img/decode.png
-The floor at 2048 / 8192 tokens for the real SmolLM2 and the built-in Llama shape (about 10 minutes):
+The floor at 2048 / 8192 tokens for the real SmolLM2 and the built-in Llama shape (20 minutes at load ~6):
     OMP_NUM_THREADS=1 python benchmarks/decode.py --shapes smollm2 llama --weights real \
         --contexts 2048 8192 --batch 1 --profile --json benchmarks/results/decode_floor.json
 """
