@@ -41,6 +41,19 @@ def _load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
 
+def recurrent_weight_range(model: torch.nn.Module) -> dict:
+    """Largest |W_hh| of the model's recurrent mixers and the largest change float16 rounding makes
+    to one (what the fidelity cost scales with)."""
+    from surgery.swap import replaced_sites
+
+    weights = [p.detach() for wrapper in replaced_sites(model) for name, p in wrapper.mixer.named_parameters()
+               if "weight_hh" in name]
+    if not weights:
+        return {}
+    return {"w_hh_abs_max": max(float(w.abs().max()) for w in weights),
+            "w_hh_rounding_max": max(float((w.half().float() - w).abs().max()) for w in weights)}
+
+
 def minilm_fidelity(run: str, sentences: int) -> dict:
     """Held-out embedding fidelity of a saved MiniLM student with float32 and float16 W_hh."""
     from surgery.data import heldout_english, tokenizer_for
@@ -55,7 +68,8 @@ def minilm_fidelity(run: str, sentences: int) -> dict:
     teacher_held, teacher_ood = (sentence_embeddings(teacher, tokenizer, held),
                                  sentence_embeddings(teacher, tokenizer, ood))
     student = surgery.load(run).float()
-    result: dict = {"run": run, "data": data, "held_out_sentences": len(held), "ood_sentences": len(ood)}
+    result: dict = {"run": run, "data": data, "held_out_sentences": len(held), "ood_sentences": len(ood),
+                    **recurrent_weight_range(student)}
     embeddings = {}
     for precision in ("float32", "float16"):
         optimize(student, recurrent_weights=precision)
@@ -99,7 +113,7 @@ def mnist_fidelity(run: str) -> list[dict]:
                      "cost_points": accuracy["float16"] - accuracy["float32"],
                      "changed_predictions": int((logits["float32"].argmax(-1) != logits["float16"].argmax(-1)).sum()),
                      "max_logit_difference": float((logits["float32"] - logits["float16"]).abs().max()),
-                     "max_abs_logit": float(logits["float32"].abs().max())})
+                     "max_abs_logit": float(logits["float32"].abs().max()), **recurrent_weight_range(student)})
     return rows
 
 
