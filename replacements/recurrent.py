@@ -90,40 +90,6 @@ class MultiHeadRecurrent(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.pre_proj(x)
-        lengths = None
-        if padding_mask is not None:
-            x = x * padding_mask.unsqueeze(-1).to(x.dtype)
-            # Right padding (the HF default) is packed so the backward direction starts at the last
-            # real token; other layouts keep zeroed pads in the stream.
-            if self.bidirectional and _is_right_padded(padding_mask):
-                lengths = padding_mask.sum(1)
-        chunks = x.split(self.shape.head_dim, dim=-1)
-        return torch.cat([head(c, lengths) for head, c in zip(self.heads, chunks)], dim=-1)
-
-
-class MultiHeadRecurrent(nn.Module):
-    """Pre-projection, one independent recurrent network per head (real per-head weights), per-head
-    output projections, heads concatenated: [B, N, input_dim] -> [B, N, heads * head_dim]."""
-
-    rnn_class: type[nn.RNNBase] = nn.LSTM
-
-    def __init__(self, shape: MixerShape, config: MultiHeadRecurrentConfig) -> None:
-        super().__init__()
-        self.shape = shape
-        self.config = config
-        head_dim = shape.head_dim
-        hidden = config.hidden_per_head or head_dim
-        self.bidirectional = config.bidirectional and not shape.causal
-        width = shape.num_heads * head_dim
-        self.pre_proj = (nn.Linear(shape.input_dim, width) if config.pre_projection
-                         else _check_identity(shape, width))
-        self.heads = nn.ModuleList(
-            RecurrentHead(self.rnn_class, head_dim, hidden, config.num_layers, self.bidirectional)
-            for _ in range(shape.num_heads)
-        )
-
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The same function in the form that fits the moment: the inference form in eval mode without
         gradients (CPU float32), the batched training form otherwise, the per-head reference form
         under a tracer, inside ``surgery.registry.reference_forms()`` and where the others do not

@@ -134,7 +134,9 @@ class Replacement:
         training_form: a ``BatchedTraining`` (several mixers in one call), or None.
         inference_form: ``inference_form(mixer, projection=None, use_kernel=None) -> nn.Module``: a
             separate module computing the same function for inference (``surgery.fast.optimize``
-            of earlier versions swapped it in); the module itself already runs it in eval mode.
+            of earlier versions swapped it in); the module itself already runs it in eval mode. A
+            hook that also names a ``recurrent_weights`` parameter receives
+            ``optimize(model, recurrent_weights=...)`` ("float32" exact, "float16" opt-in).
         decoding: a ``DecodingForm`` for causal sites, or None.
         init_from_teacher: ``init_from_teacher(mixer, evidence: TeacherEvidence) -> summary`` (a
             JSON-able list), or None when the replacement has no teacher-derived start.
