@@ -3,9 +3,9 @@
 Run: OMP_NUM_THREADS=2 python benchmarks/minilm_linear.py --out runs/minilm-linear-w32 --set window=32
          [--recipe e2e_steps=120 --recipe max_seconds=600] [--json benchmarks/results/minilm_recipe_linear_w32.json]
 
-``surgery recipe minilm`` builds every replacement with its default settings; this runs the same
-function (``recipes.minilm.run_minilm``, unchanged: the same data, teacher start, end-to-end route,
-held-out sets and report) with the ``--set`` settings given to ``linear``. It adds to the report
+This runs ``surgery recipe minilm --replacements linear`` (``recipes.minilm.run_minilm``: the same
+data, teacher start, end-to-end route, held-out sets and report) with the ``--set`` settings as its
+``replacement_settings``. It adds to the report
 the token lengths of both held-out sets and, per window, the share of sentences a window covers
 whole (``|i - j| < W`` for every pair: on those sentences the mixer is the original softmax
 attention, nothing linear is left) and the share of token pairs inside the window; and the load
@@ -15,7 +15,6 @@ average before and after. The report (``OUT/report.json``) is copied to ``--json
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shlex
@@ -56,17 +55,14 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="copy the report here")
     args = parser.parse_args()
 
-    import surgery
     from surgery.data import heldout_english, tokenizer_for
     from surgery.models import load_model
     from surgery.recipes import make_config
     from surgery.recipes.minilm import MinilmConfig, held_out_sentences, run_minilm
 
-    settings = dict(item.split("=", 1) for item in args.set)
-    settings = {k: int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v.lower(), v)
-                for k, v in settings.items()}
-    config = make_config(MinilmConfig, {"replacements": "linear", **dict(i.split("=", 1) for i in args.recipe)},
-                         "minilm")
+    config = make_config(MinilmConfig, {"replacements": "linear", **dict(i.split("=", 1) for i in args.recipe),
+                                        "replacement_settings": ",".join(args.set)}, "minilm")
+    settings = config.settings_of["linear"]
     load_before = os.getloadavg()
     tokenizer = tokenizer_for(load_model(config.model))
     count = lambda texts: [len(tokenizer(t, truncation=True, max_length=128)["input_ids"]) for t in texts]  # noqa: E731
@@ -74,13 +70,8 @@ def main() -> None:
     out_domain = count(heldout_english())
     window = int(settings.get("window", 0))
 
-    replace = surgery.replace_attention
-    surgery.replace_attention = functools.partial(replace, config=settings)  # run_minilm calls surgery.replace_attention
     began = time.perf_counter()
-    try:
-        report = run_minilm(config, args.out)
-    finally:
-        surgery.replace_attention = replace
+    report = run_minilm(config, args.out)
     report["linear_settings"] = settings
     report["token_lengths"] = {"in_domain": lengths_summary(in_domain), "out_of_domain": lengths_summary(out_domain),
                                "counted_with": "the MiniLM tokenizer, [CLS] and [SEP] included"}

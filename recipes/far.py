@@ -156,9 +156,12 @@ class StageRunner:
     def build_student(self) -> nn.Module:
         import surgery
 
+        from surgery.recipes import claim_settings
+
         model = self.build_teacher()
         surgery.replace_attention(model, self.plan.replacement, self.example_inputs,
                                   config=self.plan.replacement_settings)
+        claim_settings(self.out_dir, self.plan.replacement_settings)
         return model.to(self.device)
 
     def distill_stage(self, name: str, model: nn.Module, steps: int, lr: float, warmup: float, train: str,

@@ -46,6 +46,7 @@ class MinilmConfig:
     """
 
     replacements: str = "mhlstm,gru,conv"
+    replacement_settings: str = ""
     model: str = "minilm"
     data: str = "text:python+english"
     init: str = "teacher"
@@ -67,6 +68,9 @@ class MinilmConfig:
 
     HELP = {
         "replacements": "comma-separated replacements, each distilled in its own copy (mhlstm,gru,conv).",
+        "replacement_settings": "settings of the replacements' configs, comma-separated: KEY=VALUE for every "
+                                "replacement, NAME.KEY=VALUE for one (e.g. linear.window=8,mhlstm.hidden_per_head=32); "
+                                "empty: each replacement's defaults.",
         "data": "training text: text:builtin (Python's docs, offline), text:python (the same + the standard "
                 "library's docstrings, ~4x the text), text:english (WordNet's glosses and examples; apt-get "
                 "install wordnet-base), a mix with weights as shares (text:python*1+english*2) or text:PATH "
@@ -102,9 +106,16 @@ class MinilmConfig:
 
         return replacement_names(self.replacements)
 
+    @property
+    def settings_of(self) -> dict[str, dict]:
+        """Each replacement's config settings from ``replacement_settings`` (checked, one-line errors)."""
+        from surgery.recipes import replacement_settings
+
+        return replacement_settings(self.replacement_settings, self.replacement_list)
+
     def check(self) -> None:
         """Every check that can fail before work starts (one-line errors)."""
-        self.replacement_list  # noqa: B018 - checks the names (one-line error)
+        self.settings_of  # noqa: B018 - checks the names and replacement settings (one-line errors)
         kind, _, rest = self.data.partition(":")
         from surgery.data import BUILTIN_TEXT, text_mix, wordnet_dir
 
@@ -259,10 +270,12 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
     from surgery.models import load_model
     from surgery.progress import PrintProgress
 
+    from surgery.recipes import claim_settings
     from surgery.recipes.report import write_report
 
     config.check()
     out_dir = Path(out_dir)
+
     def load() -> nn.Module:
         # .float(): a copy stored in half precision (to fit a transfer limit) still computes in fp32
         return load_model(config.model).float().to(config.device)
@@ -284,7 +297,9 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
                "attention_mask": torch.ones(1, 16, dtype=torch.long)}
     for replacement in config.replacement_list:
         student = load()
-        surgery.replace_attention(student, replacement, {k: v.to(config.device) for k, v in example.items()})
+        surgery.replace_attention(student, replacement, {k: v.to(config.device) for k, v in example.items()},
+                                  config=config.settings_of[replacement])
+        claim_settings(out_dir / replacement, config.settings_of[replacement])
         began = time.perf_counter()
         steps_done = 0
         phases = [("blockwise", config.blockwise_steps, config.blockwise_lr, {}),

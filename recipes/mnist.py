@@ -239,6 +239,9 @@ class MnistConfig:
     """
 
     replacements: str = "mhlstm,gru,conv"
+    replacement_settings: str = ""
+    init: str = "none"
+    init_batches: int = 8
     teacher_epochs: int = 30
     batch_size: int = 64
     stage1_epochs: float = 5.0
@@ -256,6 +259,11 @@ class MnistConfig:
 
     HELP = {
         "replacements": "comma-separated replacements to apply, each in its own student (mhlstm,gru,conv).",
+        "replacement_settings": "settings of the replacements' configs, comma-separated: KEY=VALUE for every "
+                                "replacement, NAME.KEY=VALUE for one (e.g. linear.window=8); empty: the defaults.",
+        "init": "none: new mixers start from their random initialisation (FAR); teacher: from the attention "
+                "they replace (linear copies the site's q/k/v, mhlstm/gru fit the values), before stage 1.",
+        "init_batches": "batches the teacher-derived start sees (init=teacher).",
         "teacher_epochs": "epochs to train the ViT teacher from scratch (reused if OUT/teacher exists).",
         "batch_size": "images per step (teacher and students).",
         "stage1_epochs": "stage 1: new modules only, block-wise MSE + cross-entropy.",
@@ -278,9 +286,20 @@ class MnistConfig:
 
         return replacement_names(self.replacements)
 
+    @property
+    def settings_of(self) -> dict[str, dict]:
+        """Each replacement's config settings from ``replacement_settings`` (checked, one-line errors)."""
+        from surgery.recipes import replacement_settings
+
+        return replacement_settings(self.replacement_settings, self.replacement_list)
+
     def check(self) -> None:
         """Every check that can fail before work starts (one-line errors)."""
-        self.replacement_list  # noqa: B018 - checks the names (one-line error)
+        self.settings_of  # noqa: B018 - checks the names and replacement settings (one-line errors)
+        if self.init not in ("teacher", "none"):
+            raise SurgeryError(f"init must be teacher or none, not {self.init!r}")
+        if self.init_batches < 1:
+            raise SurgeryError(f"init_batches must be >= 1, not {self.init_batches}")
         if self.mode not in ("e2e", "blockwise"):
             raise SurgeryError(f"mode must be e2e or blockwise, not {self.mode!r}")
         if not 0 <= self.prune_ratio < 1:
@@ -354,7 +373,10 @@ def run_mnist(config: MnistConfig, out_dir: str | Path, log: Callable[[str], Non
 
     rows: list[dict] = []
     for replacement in config.replacement_list:
-        plan = StagePlan(replacement=replacement, stage1_steps=steps(config.stage1_epochs),
+        plan = StagePlan(replacement=replacement, replacement_settings=config.settings_of[replacement],
+                         stage1_settings={"init": "teacher", "init_batches": config.init_batches}
+                         if config.init == "teacher" else {},
+                         stage1_steps=steps(config.stage1_epochs),
                          stage1_lr=config.stage1_lr, stage2_steps=steps(config.stage2_epochs),
                          stage2_lr=config.stage2_lr, prune_ratio=config.prune_ratio,
                          recovery_steps=steps(config.recovery_epochs) if config.prune_ratio else 0,
