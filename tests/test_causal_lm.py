@@ -75,9 +75,13 @@ def tiny_dirs(tmp_path_factory):
     return dirs
 
 
-@pytest.mark.parametrize("family,replacement", [("llama", "mhlstm"), ("gpt2", "gru"), ("llama", "conv")])
-def test_whole_recipe_on_tiny_causal_lms(tiny_dirs, tmp_path, family, replacement):
-    config = CausalLmConfig(model=f"hf:{tiny_dirs[family]}", replacement=replacement, **FAST)
+@pytest.mark.parametrize("family,replacement,extra", [
+    ("llama", "mhlstm", {}), ("gpt2", "gru", {}), ("llama", "conv", {}),
+    # linear from the teacher's q/k/v (grouped key/value heads, RoPE) with a sliding window
+    ("llama", "linear", {"init": "teacher", "replacement_settings": "window=4"}),
+])
+def test_whole_recipe_on_tiny_causal_lms(tiny_dirs, tmp_path, family, replacement, extra):
+    config = CausalLmConfig(model=f"hf:{tiny_dirs[family]}", replacement=replacement, **FAST, **extra)
     report = run_causal_lm(config, tmp_path / "run", log=lambda line: None)
     teacher, student = report["rows"]
     layers = 4 if family == "llama" else 3
@@ -92,6 +96,8 @@ def test_whole_recipe_on_tiny_causal_lms(tiny_dirs, tmp_path, family, replacemen
     assert teacher["decode_ms_per_token"] == speed["teacher_ms_per_token"] > 0
     assert student["decode_ms_per_token"] == speed["student_ms_per_token"] > 0
     assert speed["student_kv_bytes"] == 0 and speed["student_state_bytes"] > 0 and speed["teacher_kv_bytes"] > 0
+    if extra.get("replacement_settings"):
+        assert (tmp_path / "run" / "replacement_settings.json").is_file()
     assert any(n.startswith("decode_ms_per_token: median") for n in report["notes"])
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["rows"][1]["mean_kl"] == pytest.approx(student["mean_kl"])
@@ -99,6 +105,9 @@ def test_whole_recipe_on_tiny_causal_lms(tiny_dirs, tmp_path, family, replacemen
     import surgery
 
     again = surgery.load(tmp_path / "run" / "e2e", model=load_causal_lm(config.model))
+    if replacement == "linear":
+        windows = [m.config.window for m in again.modules() if type(m).__name__ == "GatedLinearAttention"]
+        assert windows == [4] * layers
     batch = {"input_ids": torch.randint(3, 200, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
     first = run_again = None
     with torch.no_grad():
