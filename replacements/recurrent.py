@@ -25,7 +25,7 @@ from .recurrence import (
     is_right_padded,
     weights_token,
 )
-from surgery.registry import BatchedTraining, MixerShape, ReplacementConfig, using_reference_forms
+from surgery.registry import BatchedTraining, MixerShape, ReplacementConfig, traced_sizes, using_reference_forms
 from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
 
 _is_right_padded = is_right_padded  # the name of earlier versions
@@ -277,22 +277,12 @@ def resize(mixer: MultiHeadRecurrent, shapes: dict[str, tuple]) -> None:
 
 # ----------------------------------------------------------------------------------------- FLOPs
 
-def _shape(value: Any) -> list[int] | None:
-    """Sizes of a traced JIT value, or None when the tracer did not record them."""
-    try:
-        if value.isCompleteTensor():
-            return list(value.type().sizes())
-    except RuntimeError:
-        pass
-    return None
-
-
 def recurrent_flop_jit(inputs: list, outputs: list) -> int:
     """MACs of ``aten::lstm`` / ``aten::gru`` (both the padded ``.input`` and the packed ``.data``
     overloads): every 2-D weight matrix (weight_ih, weight_hh, weight_hr) is applied once per token
     and direction, so MACs = tokens * sum(weight.numel()). Gate nonlinearities are elementwise and
     left out, as fvcore leaves out elementwise ops everywhere."""
-    sequence = _shape(inputs[0])
+    sequence = traced_sizes(inputs[0])
     if sequence is None:
         return 0
     # padded input: [B, T, F] (or [T, B, F]); packed data: [total tokens, F]
@@ -301,7 +291,7 @@ def recurrent_flop_jit(inputs: list, outputs: list) -> int:
         node = value.node()
         if node.kind() != "prim::ListConstruct":
             continue
-        shapes = [_shape(v) for v in node.inputs()]
+        shapes = [traced_sizes(v) for v in node.inputs()]
         if shapes and all(s is not None for s in shapes) and any(len(s) == 2 for s in shapes):
             return tokens * sum(math.prod(s) for s in shapes if len(s) == 2)
     return 0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from surgery.inputs import as_args_kwargs
-from surgery.registry import registered_flop_handles
+from surgery.registry import registered_flop_handles, traced_sizes
 from surgery.swap import count_parameters
 
 __all__ = [
@@ -33,19 +33,9 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------- FLOPs
 
-def _shape(value: Any) -> list[int] | None:
-    """Sizes of a traced JIT value, or None when the tracer did not record them."""
-    try:
-        if value.isCompleteTensor():
-            return list(value.type().sizes())
-    except RuntimeError:
-        pass
-    return None
-
-
 def _sdpa_flop_jit(inputs: list, outputs: list) -> int:
     """MACs of ``aten::scaled_dot_product_attention``: Q K^T and (softmax) V, full score matrix."""
-    query, key, value = (_shape(v) for v in inputs[:3])
+    query, key, value = (traced_sizes(v) for v in inputs[:3])
     if query is None or key is None or value is None:
         return 0
     batch = math.prod(query[:-2])
@@ -56,7 +46,7 @@ def _sdpa_flop_jit(inputs: list, outputs: list) -> int:
 
 def _baddbmm_flop_jit(inputs: list, outputs: list) -> int:
     """MACs of ``aten::baddbmm(self, batch1, batch2)``: a batched matmul plus an add."""
-    first, second = _shape(inputs[1]), _shape(inputs[2])
+    first, second = traced_sizes(inputs[1]), traced_sizes(inputs[2])
     if first is None or second is None:
         return 0
     return math.prod(first) * second[-1]

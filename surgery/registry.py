@@ -351,6 +351,17 @@ def replacement_of(module: nn.Module) -> Replacement | None:
     return spec if spec is not None and isinstance(module, spec.module_class) else None
 
 
+def traced_sizes(value: Any) -> list[int] | None:
+    """Sizes of a traced JIT value (what an fvcore op handle of ``flop_handles`` receives), or None
+    when the tracer did not record them."""
+    try:
+        if value.isCompleteTensor():
+            return list(value.type().sizes())
+    except RuntimeError:
+        pass
+    return None
+
+
 def registered_flop_handles() -> dict[str, Callable]:
     """fvcore op handles declared by every registered replacement (``flop_handles`` hooks)."""
     _load_builtins()
