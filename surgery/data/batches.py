@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -89,6 +89,12 @@ def to_device(value: Any, device: torch.device | str) -> Any:
     return value
 
 
+#: batches' worth of shuffled samples sorted by length together when ``Batches`` groups by length
+#: (HuggingFace's LengthGroupedSampler uses 50): large enough for little padding, small enough that
+#: the batches' lengths still mix
+GROUP_BATCHES = 50
+
+
 class Batches:
     """Re-iterable batches over ``size`` samples: ``make(indices) -> batch``, shuffled per epoch.
 
@@ -102,6 +108,10 @@ class Batches:
             keyed by the batch's content, needs to hit); False: in order.
         seed: base seed of the permutations.
         drop_last: drop a last, smaller batch (keeps every step the same shape).
+        lengths: each sample's length (tokens); when given, shuffled batches group samples of similar
+            length (``GROUP_BATCHES`` batches' worth of shuffled samples sorted by length, cut into
+            batches, the batches shuffled), as HuggingFace's ``group_by_length``: padded to the
+            longest in their batch, text batches then carry far less padding. Ignored unshuffled.
 
     Example:
         >>> data = Batches(10, lambda idx: torch.tensor(idx), batch_size=4, shuffle=False)
@@ -110,7 +120,8 @@ class Batches:
     """
 
     def __init__(self, size: int, make: Callable[[list[int]], Any], batch_size: int, *,
-                 shuffle: bool | str = True, seed: int = 0, drop_last: bool = True, description: str = "") -> None:
+                 shuffle: bool | str = True, seed: int = 0, drop_last: bool = True, description: str = "",
+                 lengths: Sequence[int] | None = None) -> None:
         if shuffle not in (True, False, "batches"):
             raise DataError(f"shuffle must be True, False or 'batches', not {shuffle!r}")
         if size < batch_size and drop_last:
@@ -119,6 +130,9 @@ class Batches:
         self.size, self.make, self.batch_size = size, make, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.description = description
+        if lengths is not None and len(lengths) != size:
+            raise DataError(f"{len(lengths)} lengths for {size} samples")
+        self.lengths = list(lengths) if lengths is not None else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -130,11 +144,24 @@ class Batches:
     def _permutation(self, size: int, seed: int) -> list[int]:
         return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
 
+    def _grouped(self, order: list[int]) -> list[int]:
+        """``order`` with every run of ``GROUP_BATCHES`` batches' samples sorted by length (longest first)."""
+        if self.lengths is None:
+            return order
+        group = self.batch_size * GROUP_BATCHES
+        return [i for start in range(0, len(order), group)
+                for i in sorted(order[start:start + group], key=lambda i: -self.lengths[i])]
+
     def __iter__(self):
         if self.shuffle == "batches":
-            order = self._permutation(self.size, self.seed * 100003 - 1)  # the same every epoch
+            order = self._grouped(self._permutation(self.size, self.seed * 100003 - 1))  # the same every epoch
             starts = [order_index * self.batch_size for order_index in range(len(self))]
             starts = [starts[k] for k in self._permutation(len(self), self.seed * 100003 + self.epoch)]
+        elif self.shuffle and self.lengths is not None:
+            order = self._grouped(self._permutation(self.size, self.seed * 100003 + self.epoch))
+            starts = [k * self.batch_size for k in range(len(self))]
+            # batches in a random order, or every group would run from its longest to its shortest
+            starts = [starts[k] for k in self._permutation(len(self), self.seed * 100003 + self.epoch + 7919)]
         else:
             order = self._permutation(self.size, self.seed * 100003 + self.epoch) if self.shuffle \
                 else list(range(self.size))

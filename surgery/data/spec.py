@@ -86,7 +86,7 @@ def mix_pieces(pieces: list[list[str]], weights: list[float], seed: int = 0) -> 
 
 
 def _text_data(rest: str, model: nn.Module, train: bool, *, batch_size: int, seq_len: int, seed: int,
-               shuffle: bool | str) -> Batches:
+               shuffle: bool | str, group_by_length: bool = False) -> Batches:
     mix = text_mix(rest)
     sources = [text_source(name) for name, _ in mix]
     if not train:
@@ -109,16 +109,17 @@ def _text_data(rest: str, model: nn.Module, train: bool, *, batch_size: int, seq
                             drop_last=False, pack=False)
     if len(mix) == 1:
         return text_batches(model, sources[0]("train"), batch_size=batch_size, seq_len=seq_len, shuffle=shuffle,
-                            seed=seed, drop_last=True)
+                            seed=seed, drop_last=True, group_by_length=group_by_length)
     tokenizer = tokenizer_for(model)
     pieces = [pack_sentences(source("train"), tokenizer, seq_len) for source in sources]
     mixed = mix_pieces(pieces, [weight for _, weight in mix], seed)
     return text_batches(model, mixed, batch_size=batch_size, seq_len=seq_len, shuffle=shuffle, seed=seed,
-                        drop_last=True, tokenizer=tokenizer, pack=False)
+                        drop_last=True, tokenizer=tokenizer, pack=False, group_by_length=group_by_length)
 
 
 def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_size: int | None = None,
-                   seq_len: int = 64, seed: int = 0, fixed_batches: bool = False) -> Batches:
+                   seq_len: int = 64, seed: int = 0, fixed_batches: bool = False,
+                   group_by_length: bool = False) -> Batches:
     """Build a built-in data source from a spec string (see the module docstring).
 
     Args:
@@ -132,6 +133,7 @@ def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_s
         seed: shuffling seed.
         fixed_batches: training split: the same batches every epoch, in a new order (``Batches``'s
             ``shuffle="batches"``), instead of new batches from reshuffled samples.
+        group_by_length: text training split: batches of pieces of similar length (less padding).
 
     Example:
         >>> from surgery.models import load_model
@@ -144,7 +146,7 @@ def data_from_spec(spec: str, model: nn.Module, split: str = "train", *, batch_s
     kind, _, rest = spec.partition(":")
     if kind == "text":
         return _text_data(rest, model, train, batch_size=batch_size or 16, seq_len=seq_len, seed=seed,
-                          shuffle=shuffle)
+                          shuffle=shuffle, group_by_length=group_by_length and train)
     if kind == "mnist":
         return mnist_batches(model, split, batch_size=batch_size or 32, shuffle=shuffle, seed=seed,
                              drop_last=train)
