@@ -8,6 +8,8 @@ to a JSON file.
     python benchmarks/causal_lm.py --out runs/causal_lm_smollm2 \
         --json benchmarks/results/causal_lm_smollm2.json \
         replace=4 replacement=mhlstm blockwise_steps=80 e2e_steps=50 max_seconds=900 threads=1 curve=true
+
+    python benchmarks/causal_lm.py --plot docs/img/causal_lm.png --from-json benchmarks/results/causal_lm_smollm2*.json
 """
 
 from __future__ import annotations
@@ -25,12 +27,61 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def plot_reports(reports: list[dict], path: str | Path) -> None:
+    """Held-out perplexity (relative to the teacher's) against the number of replaced layers: each
+    report's ``curve`` (block-wise fits only) as a line, each report's student row as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for report in reports:
+        replacement = report.get("config", {}).get("replacement", "?")
+        if report.get("curve"):
+            points = report["curve"]
+            axis.plot([p["replaced"] for p in points], [p["perplexity"] / p["teacher_perplexity"] for p in points],
+                      "o--", color="grey", label=f"{replacement}: block-wise fits only, layers added cheapest first")
+    markers = {"mhlstm": ("s", "tab:blue"), "gru": ("^", "tab:green"), "conv": ("v", "tab:red"),
+               "linear": ("D", "tab:purple")}
+    seen = set()
+    for report in reports:
+        teacher, student = report["rows"][0], report["rows"][1]
+        replacement = report.get("config", {}).get("replacement", "?")
+        marker, color = markers.get(replacement, ("o", "black"))
+        label = None if replacement in seen else f"{replacement}: block-wise + end-to-end"
+        seen.add(replacement)
+        ratio = student["heldout_perplexity"] / teacher["heldout_perplexity"]
+        axis.plot([student["layers_replaced"]], [ratio], marker, color=color, markersize=8, label=label)
+        axis.annotate(f"{ratio:.2f}x", (student["layers_replaced"], ratio), textcoords="offset points",
+                      xytext=(6, 4), fontsize=8)
+    axis.plot([15, 30], [1.15, 1.5], "x", color="black", markersize=9, label="goals (issue 14): 1.15x at 15, 1.5x at 30")
+    axis.axhline(1.0, color="black", linewidth=0.5)
+    axis.set_yscale("log")
+    axis.set_xlabel("attention layers replaced (of 30)")
+    axis.set_ylabel("held-out perplexity / teacher's")
+    axis.set_title("SmolLM2-135M-Instruct, CPU runs (benchmarks/causal_lm.py)", fontsize=10)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="run directory of the recipe (resumable)")
-    parser.add_argument("--json", required=True, help="where to write the report + measurement context")
+    parser.add_argument("--out", help="run directory of the recipe (resumable)")
+    parser.add_argument("--json", help="where to write the report + measurement context")
+    parser.add_argument("--plot", default=None, help="draw perplexity against replaced layers into this PNG")
+    parser.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                        help="plot these earlier reports instead of running (with --plot)")
     parser.add_argument("settings", nargs="*", help="CausalLmConfig settings as key=value")
     args = parser.parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            parser.error("--from-json needs --plot")
+        plot_reports([json.loads(Path(p).read_text()) for p in args.from_json], args.plot)
+        return {}
+    if not args.out or not args.json:
+        parser.error("--out and --json are needed to run the recipe")
     import torch
     import transformers
 
@@ -62,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     temporary = path.with_suffix(path.suffix + ".tmp")
     temporary.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(temporary, path)
+    if args.plot:
+        plot_reports([report], args.plot)
     print(json.dumps({k: report["rows"][1][k] for k in ("heldout_perplexity", "top1_agreement", "mean_kl")}
                      | {"teacher_perplexity": report["rows"][0]["heldout_perplexity"], "wall_seconds": round(wall)}))
     return report

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +288,19 @@ def test_real_smollm2_with_two_layers_replaced_generates(tmp_path):
             answer = model.generate(**encoded, max_new_tokens=3, do_sample=False, use_cache=False,
                                     pad_token_id=tokenizer.eos_token_id)
     assert "Paris" in tokenizer.decode(answer[0, encoded["input_ids"].shape[1]:])
+
+
+def test_benchmark_plots_earlier_reports(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("causal_lm_benchmark", Path(__file__).parents[1] / "benchmarks" / "causal_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    curve = [{"replaced": n, "perplexity": 20.0 * (1 + n / 10), "teacher_perplexity": 20.0} for n in (0, 2, 4)]
+    for name, replacement, layers, curve_points in (("a", "mhlstm", 2, curve), ("b", "linear", 4, None)):
+        report = {"config": {"replacement": replacement}, "curve": curve_points,
+                  "rows": [{"heldout_perplexity": 20.0, "layers_replaced": 0},
+                           {"heldout_perplexity": 25.0, "layers_replaced": layers}]}
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    module.main(["--plot", str(tmp_path / "curve.png"), "--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
