@@ -61,7 +61,7 @@ class MinilmConfig:
     teacher_cache: bool = False
     batch_size: int = 16
     seq_len: int = 64
-    group_by_length: bool = False
+    group_by_length: bool = True
     eval_sentences: int = 1000
     max_seconds: Optional[float] = None
     seed: int = 0
@@ -94,7 +94,10 @@ class MinilmConfig:
         "batch_size": "text pieces per step.",
         "seq_len": "tokens per text piece (sentences are packed up to this length).",
         "group_by_length": "train on batches of pieces of similar length (HuggingFace's group_by_length): "
-                           "a batch is padded to its longest piece, so this cuts the padding and the step time.",
+                           "a batch is padded to its longest piece, so this cuts the padding and the step time "
+                           "(default since session 7: mhlstm steps 0.67 s against 1.23 s, and 1,700 grouped steps "
+                           "in 19.7 min gave 0.946 / 0.927 in / out of domain against 0.937 / 0.911 for 1,000 "
+                           "ungrouped ones in 21.2 min).",
         "eval_sentences": "in-domain held-out sentences for the cosine and retrieval figures (the "
                           "out-of-domain set is always all of its 241 sentences).",
         "max_seconds": "stop each phase after this many seconds (after a checkpoint).",

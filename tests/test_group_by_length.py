@@ -70,3 +70,21 @@ def test_text_batches_group_by_length_on_real_text():
                                for row, m in zip(batch["input_ids"], batch["attention_mask"]))
     # the same pieces trained on (drop_last drops a different few: compare the sets they share)
     assert len(set(real(plain)) & set(real(grouped))) > 0.9 * len(set(real(plain)))
+
+
+def test_spec_data_and_distill_take_group_by_length(tmp_path):
+    import json
+
+    import surgery
+    from surgery.data import data_from_spec
+    from surgery.models import load_model
+
+    model = load_model("minilm")
+    train = data_from_spec("text:builtin", model, "train", batch_size=8, group_by_length=True)
+    held = data_from_spec("text:builtin", model, "heldout", batch_size=8, group_by_length=True)
+    assert train.lengths is not None and held.lengths is None  # held-out text stays in its order
+    surgery.replace_attention(model, "conv", {"input_ids": torch.ones(1, 8, dtype=torch.long)})
+    result = surgery.distill(None, model, "text:builtin", steps=2, batch_size=4, seq_len=16, group_by_length=True,
+                             run_dir=tmp_path / "run", eval_batches=1)
+    assert result.steps == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["group_by_length"] is True

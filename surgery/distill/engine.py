@@ -81,6 +81,7 @@ class DistillConfig:
     seed: int = 0
     batch_size: int | None = None
     seq_len: int = 64
+    group_by_length: bool = False
     data: str | None = None
     eval_data: str | None = None
     eval_batches: int = 8
@@ -120,7 +121,7 @@ class DistillConfig:
 _REGULARISERS = {f.name: f.default for f in dataclasses.fields(DistillConfig)
                  if f.name in ("train_mode", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
                                "label_smoothing", "ema_decay", "ema_warmup", "kl_weight", "hoyer_weight",
-                               "freeze")}
+                               "freeze", "group_by_length")}
 
 
 @dataclass
@@ -393,7 +394,8 @@ def distill(
             defaults use the ``mixup`` / ``cutmix`` settings instead.
         **settings: further ``DistillConfig`` fields: weight_decay, warmup (fraction of steps),
             min_lr, grad_clip, cosine_weight, site_weight, task_weight, temperature,
-            train ("replacements" | "all"), seq_len, eval_batches, checkpoint_every, log_every,
+            train ("replacements" | "all"), seq_len, group_by_length (text spec data in batches of
+            pieces of similar length: less padding), eval_batches, checkpoint_every, log_every,
             max_seconds (stop early, after a checkpoint, once this much time has passed since the first
             step: loading, the report before training and the initialisation are not counted),
             labelled, init ("teacher": start the replacements from the originals' value projections
@@ -523,7 +525,8 @@ class _Trainer:
             # a cache is keyed by the batch's content: it hits only if later epochs repeat the batches
             return data_from_spec(data, self.student, split, batch_size=self.config.batch_size,
                                   seq_len=self.config.seq_len, seed=self.config.seed,
-                                  fixed_batches=bool(self.config.cache))
+                                  fixed_batches=bool(self.config.cache),
+                                  group_by_length=self.config.group_by_length)
         return data
 
     # -------------------------------------------------------------------------------- set-up

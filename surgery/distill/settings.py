@@ -110,6 +110,7 @@ RULES: dict[str, Rule] = {
     "seed": Rule("int"),
     "batch_size": Rule("int", 1, optional=True, note="samples per batch of spec data"),
     "seq_len": Rule("int", 1, note="tokens per text sample"),
+    "group_by_length": Rule("bool", note="text spec data: batches of pieces of similar length (less padding)"),
     "data": Rule("text", optional=True),
     "eval_data": Rule("text", optional=True),
     "eval_batches": Rule("int", 1),
