@@ -37,7 +37,8 @@ def test_minilm_alias_applies_the_recipe_route(tmp_path, monkeypatch):
     assert (call["batch_size"], call["seq_len"]) == (config.batch_size, config.seq_len)
     assert call["settings"] == {"train": "all", "other_lr_scale": config.other_lr_scale, "init": config.init,
                                 "init_batches": config.init_batches, "site_weight": config.site_weight,
-                                "freeze": config.freeze, "max_seconds": 300}
+                                "freeze": config.freeze, "group_by_length": config.group_by_length,
+                                "max_seconds": 300}
     said = " ".join(result.stderr.split())  # the console may wrap the line
     assert "recipes/minilm.py" in said and "--mode e2e" in said, said
     assert f"--distill-set init_batches={config.init_batches}" in said
