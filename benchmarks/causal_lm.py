@@ -41,7 +41,8 @@ def plot_reports(reports: list[dict], path: str | Path) -> None:
         if report.get("curve"):
             points = report["curve"]
             axis.plot([p["replaced"] for p in points], [p["perplexity"] / p["teacher_perplexity"] for p in points],
-                      "o--", color="grey", label=f"{replacement}: block-wise fits only, layers added cheapest first")
+                      "o--", color="grey", label=f"{replacement}: block-wise fits only (init={report['config'].get('init')}), "
+                                                 "layers added cheapest first")
     markers = {"mhlstm": ("s", "tab:blue"), "gru": ("^", "tab:green"), "conv": ("v", "tab:red"),
                "linear": ("D", "tab:purple")}
     seen = set()
