@@ -249,12 +249,14 @@ def test_regularisers_at_their_defaults_keep_the_stage_key_of_earlier_runs():
     config = DistillConfig(mode="e2e", steps=7)
     added = {"train_mode", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "label_smoothing", "ema_decay",
              "ema_warmup", "kl_weight", "hoyer_weight",  # these two: tests/test_distill_terms.py
-             "freeze"}  # tests/test_distill.py
+             "freeze",  # tests/test_distill.py
+             "group_by_length"}  # tests/test_group_by_length.py
     skipped = {"checkpoint_every", "log_every", "max_seconds", "eval_batches", "eval_data", "fast", "cache",
                "cache_megabytes"}
     earlier = {k: v for k, v in dataclasses.asdict(config).items() if k not in skipped | added}
     assert config.key() == hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:16]
     assert DistillConfig(mode="e2e", steps=7, mixup=0.8).key() != config.key()
+    assert DistillConfig(mode="e2e", steps=7, group_by_length=True).key() != config.key()
 
 
 # ------------------------------------------------------------------------------- DeiT recipe
