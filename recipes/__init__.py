@@ -174,9 +174,7 @@ def replacement_settings(value: str, replacements: list[str]) -> dict[str, dict[
         config_class = get_replacement(name).config_class
         try:
             config_class.from_dict(values)
-        except SurgeryError as error:
-            raise SurgeryError(f"replacement_settings for {name}: {error}") from None
-        except (TypeError, ValueError) as error:
+        except (SurgeryError, TypeError, ValueError) as error:
             raise SurgeryError(f"replacement_settings for {name}: {error}") from None
     return settings
 

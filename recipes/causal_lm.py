@@ -637,7 +637,8 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
     out_dir = Path(out_dir)
     from surgery.recipes import claim_settings
 
-    claim_settings(out_dir, config.settings_of)
+    replacement_config = config.settings_of
+    claim_settings(out_dir, replacement_config)
     began = time.perf_counter()
     teacher = load_causal_lm(config.model).to(config.device)
     example = {"input_ids": torch.ones(1, 16, dtype=torch.long, device=config.device)}
@@ -660,7 +661,7 @@ def run_causal_lm(config: CausalLmConfig, out_dir: str | Path, log: Callable[[st
 
     def fresh_student(names: list[str]) -> nn.Module:
         student = load_causal_lm(config.model).to(config.device)
-        surgery.replace_attention(student, config.replacement, example, config=config.settings_of,
+        surgery.replace_attention(student, config.replacement, example, config=replacement_config,
                                   sites=[s for s in sites if s.name in set(names)])
         return student
 

@@ -302,11 +302,12 @@ def run_minilm(config: MinilmConfig, out_dir: str | Path, log: Callable[[str], N
                           seq_len=config.seq_len, seed=config.seed)
     example = {"input_ids": torch.ones(1, 16, dtype=torch.long),
                "attention_mask": torch.ones(1, 16, dtype=torch.long)}
+    settings_of = config.settings_of
     for replacement in config.replacement_list:
         student = load()
         surgery.replace_attention(student, replacement, {k: v.to(config.device) for k, v in example.items()},
-                                  config=config.settings_of[replacement])
-        claim_settings(out_dir / replacement, config.settings_of[replacement])
+                                  config=settings_of[replacement])
+        claim_settings(out_dir / replacement, settings_of[replacement])
         began = time.perf_counter()
         steps_done = 0
         phases = [("blockwise", config.blockwise_steps, config.blockwise_lr, {}),

@@ -372,8 +372,9 @@ def run_mnist(config: MnistConfig, out_dir: str | Path, log: Callable[[str], Non
         return max(1, math.ceil(epochs * per_epoch)) if epochs > 0 else 0
 
     rows: list[dict] = []
+    settings_of = config.settings_of
     for replacement in config.replacement_list:
-        plan = StagePlan(replacement=replacement, replacement_settings=config.settings_of[replacement],
+        plan = StagePlan(replacement=replacement, replacement_settings=settings_of[replacement],
                          stage1_settings={"init": "teacher", "init_batches": config.init_batches}
                          if config.init == "teacher" else {},
                          stage1_steps=steps(config.stage1_epochs),
