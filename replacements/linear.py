@@ -33,6 +33,8 @@ from surgery.errors import PruningError, SurgeryError
 from surgery.registry import MixerShape, ReplacementConfig, TeacherEvidence, register_replacement
 from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
 
+from .recurrence import weights_token
+
 FEATURE_MAPS = ("hedgehog", "elu")
 _EPS = 1e-6
 
@@ -192,8 +194,12 @@ class GatedLinearAttentionDecoding:
 
     def step(self, mixer: "GatedLinearAttention", x_t: torch.Tensor,
              state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """One token ``x_t`` [B, 1, D] -> (output [B, 1, C], new state)."""
-        return self.prefill(mixer, x_t, None, state)
+        """One token ``x_t`` [B, 1, D] -> (output [B, 1, C], new state): ``GatedLinearAttention.step``,
+        the sequence form's arithmetic for one token without its chunk and band bookkeeping."""
+        self._check(mixer)
+        if x_t.shape[1] != 1:
+            return mixer.sequence(x_t, None, state)
+        return mixer.step(x_t, state)
 
 
 class GatedLinearAttentionPruner(ReplacementPruner):
@@ -680,6 +686,99 @@ class GatedLinearAttention(nn.Module):
             new = None
         tail = torch.exp(self.tail_log_scale.view(1, -1, 1, 1) - peak)
         return near + tail * far, new
+
+    def _step_pack(self) -> dict[str, Any]:
+        """The weights the decode step reads, packed once per weight version (``weights_token``): one
+        fused q/k/v matrix, the feature maps as batched-matmul operands, the decay, lag and tail
+        factors already exponentiated. Not a submodule; rebuilt when a weight or shape changes."""
+        key = weights_token(self)
+        cached = self.__dict__.get("_step_cache")
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():
+            layers = (self.q, self.k, self.v)
+            weight = torch.cat([layer.weight for layer in layers])
+            bias = torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+                              for layer in layers])
+            heads, groups = self.shape.num_heads, self.kv_heads
+            pack = {"weight": weight, "bias": bias, "split": [layer.out_features for layer in layers],
+                    "q_map": self.q_map.detach(), "q_bias": self.q_map_bias.detach().unsqueeze(1),
+                    "k_map": self.k_map.detach(), "k_bias": self.k_map_bias.detach().unsqueeze(1),
+                    "decay": None, "lag": None, "tail": None}
+            if self.decay_logit is not None:
+                log_decay = F.logsigmoid(self.decay_logit.detach())
+                pack["decay"] = torch.exp(log_decay).view(1, groups, heads // groups, 1, 1)
+                if self.config.window:
+                    pack["lag"] = torch.exp(self.config.window * log_decay).view(1, heads, 1, 1)
+            if self.tail_log_scale is not None:
+                pack["tail"] = self.tail_log_scale.detach().view(1, heads, 1, 1)
+        object.__setattr__(self, "_step_cache", (key, pack))
+        return pack
+
+    def step(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One new token x [B, 1, D] at a causal site continuing ``state`` -> (output [B, 1, C], new state):
+        what ``sequence`` computes for a length-1 input, as one update of the state (the decode step).
+
+        Without gradients it reads the packed weights (``_step_pack``: one q/k/v matmul, the feature
+        maps as batched matmuls, one rotation for queries and keys); the window's softmax runs per
+        key/value group (the query heads of a group share its keys), so grouped-query attention is
+        never repeated to the query heads there. With gradients, or another shape, it is ``sequence``.
+        """
+        if (torch.is_grad_enabled() or not self.shape.causal or x.shape[1] != 1 or not isinstance(state, tuple)
+                or len(state) != len(self.empty_state(0))):
+            return self.sequence(x, None, state)
+        pack = self._step_pack()
+        batch, heads, groups, head = x.shape[0], self.shape.num_heads, self.kv_heads, self.head_dim
+        share, window, hedgehog = heads // groups, self.config.window, self.config.feature_map == "hedgehog"
+
+        def features(z_in: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            # z_in [B, h, d] -> phi [B, h, 1, F]; per-head maps as one batched matmul over heads
+            z = torch.baddbmm(bias, z_in.transpose(0, 1), weight).transpose(0, 1).unsqueeze(2)
+            return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1) if hedgehog \
+                else F.elu(z) + 1
+
+        qkv = torch.addmm(pack["bias"], x.reshape(batch, -1), pack["weight"].t())
+        q, k, v = qkv.split(pack["split"], dim=-1)
+        qk = torch.cat([q, k], dim=-1).view(batch, heads + groups, 1, head)
+        if self.rotary:
+            qk = rotate(qk, state[-1].unsqueeze(1), self.rope_inv_freq, self.rope_scaling)
+        q, k = qk[:, :heads], qk[:, heads:]  # [B, H, 1, d], [B, G, 1, d]
+        v = torch.cat([v.view(batch, groups, 1, head), v.new_ones(batch, groups, 1, 1)], dim=-1)
+        if window:
+            keys = torch.cat([state[1], k], dim=2)    # [B, G, W + 1, d]: the row leaving the window first
+            values = torch.cat([state[2], v], dim=2)  # [B, G, W + 1, d + 1]
+            near_k, near_v = keys[:, :, 1:], values[:, :, 1:]
+            # exact softmax over the window, per group: [B, G, share, W]
+            scores = torch.matmul(q.reshape(batch, groups, share, head), near_k.transpose(-1, -2))
+            scores = (scores * self.softmax_scale).masked_fill((near_v[..., -1] <= 0).unsqueeze(2), float("-inf"))
+            peak = scores.amax(dim=-1, keepdim=True)
+            peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+            near = torch.matmul(torch.exp(scores - peak), near_v).view(batch, heads, 1, head + 1)
+            # the row leaving the window joins the linear state (empty slots carry a zero normaliser)
+            new_v = values[:, :, :1]
+            new_k = features(keys[:, :, 0], pack["k_map"], pack["k_bias"]) * (new_v[..., -1:] > 0).to(x.dtype)
+        else:
+            new_k, new_v = features(k[:, :, 0], pack["k_map"], pack["k_bias"]), v
+        features_count = new_k.shape[-1]
+        linear = state[0].view(batch, groups, share, features_count, head + 1)
+        if pack["decay"] is not None:
+            linear = pack["decay"] * linear
+        linear = (linear + torch.matmul(new_k.transpose(-1, -2), new_v).unsqueeze(2)).view(
+            batch, heads, features_count, head + 1)
+        far = torch.matmul(features(q[:, :, 0], pack["q_map"], pack["q_bias"]), linear)  # [B, H, 1, E]
+        if window:
+            if pack["lag"] is not None:  # the lag of the linear part behind the query
+                far = far * pack["lag"]
+            out = near + torch.exp(pack["tail"] - peak.view(batch, heads, 1, 1)) * far
+            norm = out[..., -1:]
+            y = out[..., :-1] / torch.where(norm > 0, norm, torch.ones_like(norm))
+            new = (linear, keys[:, :, -window:], values[:, :, -window:])
+        else:
+            y = far[..., :-1] / (far[..., -1:] + _EPS)
+            new = (linear,)
+        if self.rotary:
+            new = new + (state[-1] + 1,)
+        return y.transpose(1, 2).reshape(batch, 1, -1), new
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.sequence(x, padding_mask)[0]

@@ -121,6 +121,36 @@ def test_decoding_prefill_and_steps_equal_sequence_form(decay, kv_heads):
         torch.testing.assert_close(torch.cat([chunked, rest], 1), whole, atol=1e-10, rtol=1e-9)
 
 
+@pytest.mark.parametrize("window", [0, 3])
+def test_packed_step_follows_weight_changes_and_keeps_gradients(window):
+    """The decode step reads packed weights (one q/k/v matrix, exponentiated factors): an optimiser
+    step or load_state_dict rebuilds them, and with gradients enabled the step is the sequence form."""
+    mixer = _mixer(True, True, 2, feature_map="elu")
+    if window:
+        mixer = _windowed_mixer(True, True, kv_heads=2, window=window, rotary=True)
+    x = torch.randn(2, 7, 12, dtype=torch.double)
+    with torch.no_grad():
+        _, state = mixer.sequence(x[:, :5])
+        first, _ = mixer.step(x[:, 5:6], state)
+        torch.testing.assert_close(first, mixer.sequence(x[:, 5:6], None, state)[0], atol=1e-10, rtol=1e-9)
+    optimiser = torch.optim.SGD(mixer.parameters(), lr=0.1)
+    mixer.sequence(x)[0].square().sum().backward()
+    optimiser.step()
+    with torch.no_grad():
+        after, _ = mixer.step(x[:, 5:6], state)
+        assert (after - first).abs().max() > 1e-6  # not the old packed weights
+        torch.testing.assert_close(after, mixer.sequence(x[:, 5:6], None, state)[0], atol=1e-10, rtol=1e-9)
+        other = _mixer(True, True, 2, feature_map="elu", seed=3) if not window else \
+            _windowed_mixer(True, True, kv_heads=2, window=window, rotary=True, seed=3)
+        mixer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(mixer.step(x[:, 5:6], state)[0], other.sequence(x[:, 5:6], None, state)[0],
+                                   atol=1e-10, rtol=1e-9)
+    mixer.zero_grad()
+    out, _ = mixer.step(x[:, 5:6], state)
+    out.square().sum().backward()
+    assert mixer.q.weight.grad is not None and mixer.q.weight.grad.abs().sum() > 0
+
+
 def test_bidirectional_site_has_no_decoding():
     with pytest.raises(SurgeryError, match="bidirectional"):
         get_replacement("linear").decoding.init_state(_mixer(False, False), 1)
