@@ -58,6 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgery  # noqa: E402
+from surgery.cli.common import parse_settings  # noqa: E402
 from surgery.decoding import prefill, time_steps  # noqa: E402
 
 DEPTH = {"gpt2": 12, "llama": 8, "smollm2": 30}
@@ -209,13 +210,15 @@ def _profile(models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: in
 # ---------------------------------------------------------------------------------- the run
 
 def measure(shape: str, replacement: str, layers: int | None, contexts: list[int], batches: list[int], steps: int,
-            vocab: int | None, weights: str, profile: bool, floor: bool = True) -> tuple[list[dict], dict | None]:
+            vocab: int | None, weights: str, profile: bool, floor: bool = True,
+            settings: dict | None = None) -> tuple[list[dict], dict | None]:
     torch.manual_seed(0)
     original = build(shape, layers, max(contexts) + steps + 8, vocab, weights)
     replaced = copy.deepcopy(original)
     vocab = original.config.vocab_size
     began = time.perf_counter()
-    surgery.replace_attention(replaced, replacement, {"input_ids": torch.randint(0, vocab, (1, 8))})
+    surgery.replace_attention(replaced, replacement, {"input_ids": torch.randint(0, vocab, (1, 8))},
+                              config=settings or None)
     surgery.finalize(replaced)
     print(f"# {shape}: {original.config.num_hidden_layers} layers replaced with {replacement} in "
           f"{time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
@@ -319,6 +322,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="break one decode step down per module kind")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="leave out the floor (every attention returning zeros)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the replacement's config (e.g. --set window=16 --set kv_heads=3)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="write ms/token vs context to this PNG")
     parser.add_argument("--plot-only", default=None, metavar="JSON", help="only plot the rows of an earlier --json")
@@ -334,10 +339,12 @@ def main() -> None:
     rows, profiles = [], {}
     result = {"command": "python benchmarks/decode.py " + " ".join(sys.argv[1:]), "threads": args.threads,
               "loadavg_before": [round(v, 2) for v in load], "cpu_count": os.cpu_count(),
-              "platform": platform.platform(), "torch": torch.__version__, "rows": rows, "profile": profiles}
+              "platform": platform.platform(), "torch": torch.__version__, "settings": parse_settings(args.set),
+              "rows": rows, "profile": profiles}
     for shape in args.shapes:
         shape_rows, profiled = measure(shape, args.replacement, args.layers, args.contexts, args.batch, args.steps,
-                                       args.vocab, args.weights, args.profile, args.floor)
+                                       args.vocab, args.weights, args.profile, args.floor,
+                                       settings=parse_settings(args.set))
         rows += shape_rows
         if profiled:
             profiles[shape] = profiled
