@@ -740,7 +740,7 @@ class _Trainer:
         # required: init="teacher" was asked for, so a model where no site can start is an error
         chosen = initialise_from_teacher(self.student, self.init_source(), batches=config.init_batches,
                                          labelled=config.labelled, progress=self.progress, required=True)
-        self.progress.message(f"initialised {len(chosen)} sites from the teacher's value projections "
+        self.progress.message(f"initialised {len(chosen)} sites from the attention they replace "
                               f"in {time.monotonic() - began:.0f} s (not counted in max_seconds)")
         if run is not None:
             run.append_metrics({"stage": self.stage, "mode": config.mode, "step": 0, "init": chosen})
