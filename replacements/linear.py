@@ -48,8 +48,10 @@ class LinearAttentionConfig(ReplacementConfig):
             "elu" (``elu(z) + 1``, feature_dim features), of a learned per-head map ``z``.
         feature_dim: width of the learned map ``z`` per head; 0 = the head width.
         decay: a learned per-head decay ``gamma ** |i - j|`` (retention style); False = none.
-        kv_heads: key/value heads (grouped-query attention); 0 = as many as query heads. A
-            teacher with fewer key/value heads also fits 0: its heads are repeated.
+        kv_heads: key/value heads (grouped-query attention). -1 (default) = the site's own: the
+            teacher's key/value heads where it has fewer than its query heads (Llama's
+            ``num_key_value_heads``), else as many as query heads. 0 = as many as query heads (a
+            teacher with fewer is widened: its heads are repeated). N = N heads.
         chunk_size: tokens per chunk of the causal training form (the work per chunk is
             quadratic in it, the number of chunks is the Python loop); also the query block of
             the sliding window.
@@ -62,7 +64,7 @@ class LinearAttentionConfig(ReplacementConfig):
     feature_map: str = "hedgehog"
     feature_dim: int = 0
     decay: bool = False
-    kv_heads: int = 0
+    kv_heads: int = -1
     chunk_size: int = 64
     window: int = 0
 
@@ -505,9 +507,10 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(f"linear needs the context width ({context}) divisible by the heads ({heads})")
         if config.feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature_map {config.feature_map!r}; use one of {list(FEATURE_MAPS)}")
-        groups = config.kv_heads or heads
+        groups = shape.key_value_heads if config.kv_heads == -1 else (config.kv_heads or heads)
         if groups < 1 or heads % groups:
-            raise ValueError(f"kv_heads={config.kv_heads} must divide the {heads} heads")
+            raise ValueError(f"kv_heads={config.kv_heads} must be -1 (the site's), 0 (the query heads) or divide "
+                             f"the {heads} heads")
         if config.chunk_size < 1 or config.feature_dim < 0 or config.window < 0:
             raise ValueError("linear needs chunk_size >= 1, feature_dim >= 0 and window >= 0")
         self.shape = shape

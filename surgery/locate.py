@@ -27,6 +27,7 @@ from surgery.inputs import as_args_kwargs, default_example_inputs, without_cache
 from surgery.sites import AttentionSite, SiteList, SkippedSite
 
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "heads", "nhead")
+KV_HEAD_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv", "multi_query_group_num")
 OUT_PROJ_NAMES = ("proj", "out_proj", "c_proj", "o_proj", "to_out", "wo", "out")
 OUT_DROPOUT_NAMES = ("proj_drop", "resid_dropout", "resid_drop", "out_dropout")
 CROSS_ATTENTION_KWARGS = ("encoder_hidden_states", "key_value_states", "context", "memory")
@@ -583,6 +584,29 @@ def _heads_from_attributes(module: nn.Module) -> int | None:
     return None
 
 
+def _kv_heads_of(module: nn.Module, heads: int, head_dim: int) -> int:
+    """The site's key/value heads when it has fewer than its ``heads`` query heads (grouped-query or
+    multi-query attention), else 0: read from the key projection's width (what the weights are),
+    else from the module's or its config's attributes (Llama's ``num_key_value_heads``)."""
+    found = []
+    for name in ("k_proj", "key", "k"):
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Linear) and head_dim and child.out_features % head_dim == 0:
+            found.append(child.out_features // head_dim)
+            break
+    groups = getattr(module, "num_key_value_groups", None)
+    if isinstance(groups, int) and not isinstance(groups, bool) and groups > 0 and heads % groups == 0:
+        found.append(heads // groups)
+    for source in (module, getattr(module, "config", None)):
+        for attribute in KV_HEAD_ATTRIBUTES:
+            value = getattr(source, attribute, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                found.append(value)
+    if not found or not (0 < found[0] < heads and heads % found[0] == 0):
+        return 0
+    return found[0]
+
+
 class _Unsupported(Exception):
     """A module that owns attention but cannot be described as a site (becomes a SkippedSite)."""
 
@@ -698,6 +722,7 @@ def _describe(model: nn.Module, candidate: _Candidate, call: _Call | None) -> At
         context_dim=context_dim,
         batch_first=batch_first,
         output_len=output_len,
+        kv_heads=_kv_heads_of(module, heads, context_dim // heads),
         kind=kind,
         found_by=candidate.found_by,
         causal_source=causal_source,

@@ -26,20 +26,29 @@ class MixerShape:
         output_dim: width of the attention output before the output projection (heads * head_dim).
         num_heads: number of attention heads at the site.
         causal: when True, position t of the output may depend on positions <= t only.
+        kv_heads: the site's key/value heads under grouped-query attention; 0 = as many as
+            ``num_heads`` (``key_value_heads`` resolves it).
 
     Example:
         >>> MixerShape(input_dim=192, output_dim=192, num_heads=3, causal=False).head_dim
         64
+        >>> MixerShape(576, 576, 9, True, kv_heads=3).key_value_heads
+        3
     """
 
     input_dim: int
     output_dim: int
     num_heads: int
     causal: bool = False
+    kv_heads: int = 0
 
     @property
     def head_dim(self) -> int:
         return self.output_dim // self.num_heads
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.kv_heads or self.num_heads
 
 
 @dataclass(frozen=True)

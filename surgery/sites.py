@@ -52,6 +52,8 @@ class AttentionSite:
         causal_source: one of ``CAUSAL_SOURCES``: what decided ``causal``.
         note: why the kind or causality was decided as it was when the evidence disagreed
             (e.g. the probe and the mask at the core), else "".
+        kv_heads: key/value heads under grouped-query attention (Llama's ``num_key_value_heads``),
+            or 0 when the site has as many as ``num_heads`` (or does not say).
 
     Example:
         >>> site = AttentionSite("blocks.0.attn", "Attention", 192, 3, 64, False, "tensor", "proj")
@@ -75,6 +77,7 @@ class AttentionSite:
     found_by: str = "fx"
     causal_source: str = "attribute"
     note: str = ""
+    kv_heads: int = 0
 
     COLUMNS = ("name", "type", "dim", "heads", "head dim", "causal", "convention", "out proj",
                "kind", "found by")

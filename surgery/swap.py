@@ -458,7 +458,7 @@ def replace_attention(
     built = []
     for site in served:
         original = modules[site.name]
-        shape = MixerShape(site.embed_dim, site.context_dim, site.num_heads, site.causal)
+        shape = MixerShape(site.embed_dim, site.context_dim, site.num_heads, site.causal, kv_heads=site.kv_heads)
         try:
             mixer = spec.build(shape, config)
         except (ValueError, TypeError) as error:

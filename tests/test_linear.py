@@ -194,11 +194,12 @@ def _repeat_kv_rows(weight, groups, repeat, head):
     return weight.view(groups, 1, head, -1).expand(-1, repeat, -1, -1).reshape(groups * repeat * head, -1)
 
 
-@pytest.mark.parametrize("kv_heads", [0, 2])
+@pytest.mark.parametrize("kv_heads", [None, -1, 0, 2])
 def test_llama_grouped_query_projections_are_copied(kv_heads):
     torch.manual_seed(0)
     model = tiny_llama_lm().eval()  # 4 query heads, 2 key/value heads
-    surgery.replace_attention(model, "linear", {"input_ids": ids(1, 5)}, config={"kv_heads": kv_heads})
+    config = {} if kv_heads is None else {"kv_heads": kv_heads}  # the default (-1): the site's own 2
+    surgery.replace_attention(model, "linear", {"input_ids": ids(1, 5)}, config=config)
     assert copy_attention_weights(model) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     wrapper = model.get_submodule("model.layers.0.self_attn")
     original, mixer = wrapper.original, wrapper.mixer
@@ -206,7 +207,35 @@ def test_llama_grouped_query_projections_are_copied(kv_heads):
     repeat = 2 if kv_heads == 0 else 1
     torch.testing.assert_close(mixer.k.weight, _repeat_kv_rows(original.k_proj.weight, 2, repeat, 8), atol=0, rtol=0)
     torch.testing.assert_close(mixer.v.weight, _repeat_kv_rows(original.v_proj.weight, 2, repeat, 8), atol=0, rtol=0)
-    assert mixer.kv_heads == (kv_heads or 4)
+    assert mixer.kv_heads == (4 if kv_heads == 0 else 2)
+    assert wrapper.site.kv_heads == 2
+
+
+def test_sites_say_their_key_value_heads():
+    """Grouped-query sites record their key/value heads (0 where there are as many as query heads);
+    the default linear keeps them, and a saved student reloads with the same shapes and outputs."""
+    from surgery.locate import find_attention
+
+    llama = find_attention(tiny_llama_lm().eval(), {"input_ids": ids(1, 5)})
+    assert [(s.num_heads, s.kv_heads) for s in llama] == [(4, 2), (4, 2)]
+    for model, inputs in ((tiny_bert(), {"input_ids": ids(1, 5)}), (tiny_gpt2_lm(), {"input_ids": ids(1, 5)}),
+                          (tiny_vit(), torch.randn(1, 3, 32, 32))):
+        assert {s.kv_heads for s in find_attention(model.eval(), inputs)} == {0}
+
+
+def test_default_kv_heads_survive_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama_lm().eval()
+    surgery.replace_attention(model, "linear", {"input_ids": ids(1, 5)})
+    copy_attention_weights(model)
+    surgery.finalize(model)
+    surgery.save(model, tmp_path / "student")
+    loaded = surgery.load(tmp_path / "student", model=tiny_llama_lm().eval())
+    mixer = loaded.get_submodule("model.layers.0.self_attn").mixer
+    assert mixer.kv_heads == 2 and mixer.k.out_features == 2 * 8
+    x = ids(2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=0, rtol=0)
 
 
 def test_full_and_grouped_heads_compute_the_same_after_copying():
