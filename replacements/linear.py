@@ -33,7 +33,7 @@ from surgery.errors import PruningError, SurgeryError
 from surgery.registry import MixerShape, ReplacementConfig, TeacherEvidence, register_replacement
 from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
 
-from .recurrence import weights_token
+from .recurrence import _tracing, weights_token
 
 FEATURE_MAPS = ("hedgehog", "elu")
 _EPS = 1e-6
@@ -725,10 +725,12 @@ class GatedLinearAttention(nn.Module):
         Without gradients it reads the packed weights (``_step_pack``: one q/k/v matmul, the feature
         maps as batched matmuls, one rotation for queries and keys); the window's softmax runs per
         key/value group (the query heads of a group share its keys), so grouped-query attention is
-        never repeated to the query heads there. With gradients, or another shape, it is ``sequence``.
+        never repeated to the query heads there. With gradients, under a tracer, or for another
+        shape, it is ``sequence``.
         """
-        if (torch.is_grad_enabled() or not self.shape.causal or x.shape[1] != 1 or not isinstance(state, tuple)
-                or len(state) != len(self.empty_state(0))):
+        # a tracer (torch.export of a DecodeStep) records the parameters' own ops: the pack is a cache
+        if (torch.is_grad_enabled() or _tracing() or not self.shape.causal or x.shape[1] != 1
+                or not isinstance(state, tuple) or len(state) != len(self.empty_state(0))):
             return self.sequence(x, None, state)
         pack = self._step_pack()
         batch, heads, groups, head = x.shape[0], self.shape.num_heads, self.kv_heads, self.head_dim

@@ -99,7 +99,7 @@ def _causal_stack(replacement, seed=0):
     return model
 
 
-@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv"])
+@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv", "linear"])
 def test_plain_pytorch_stack_decodes_token_by_token(replacement):
     model = _causal_stack(replacement)
     x = torch.randn(2, 10, 16)
@@ -173,7 +173,7 @@ def test_pruned_heads_of_different_sizes_decode(name):
     torch.testing.assert_close(got[mask], full[mask], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv"])
+@pytest.mark.parametrize("replacement", ["mhlstm", "gru", "conv", "linear"])
 def test_exported_decode_step_with_explicit_states_matches_for_16_steps(replacement):
     model = _causal_stack(replacement, seed=4)
     step = surgery.decoding.DecodeStep(model).eval()
