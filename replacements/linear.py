@@ -765,7 +765,8 @@ class GatedLinearAttention(nn.Module):
         else:
             new_k, new_v = features(k[:, :, 0], pack["k_map"], pack["k_bias"]), v
         features_count = new_k.shape[-1]
-        linear = state[0].reshape(batch, groups, share, features_count, head + 1)  # a reordered cache may not be contiguous
+        # reshape: a cache reordered by beam search need not be contiguous
+        linear = state[0].reshape(batch, groups, share, features_count, head + 1)
         if pack["decay"] is not None:
             linear = pack["decay"] * linear
         linear = (linear + torch.matmul(new_k.transpose(-1, -2), new_v).unsqueeze(2)).view(
