@@ -59,8 +59,8 @@ class MinilmConfig:
     site_weight: float = 0.1
     freeze: str = "*.word_embeddings.*"
     teacher_cache: bool = False
-    batch_size: int = 16
-    seq_len: int = 64
+    batch_size: int = 32
+    seq_len: int = 32
     group_by_length: bool = True
     eval_sentences: int = 1000
     max_seconds: Optional[float] = None
@@ -92,7 +92,10 @@ class MinilmConfig:
                          "epochs skip the teacher forward, ~17% of a step, but writing costs the first epoch time.",
         "site_weight": "end-to-end weight of the per-site MSE terms (the task terms weigh 1).",
         "batch_size": "text pieces per step.",
-        "seq_len": "tokens per text piece (sentences are packed up to this length).",
+        "seq_len": "tokens per text piece (sentences are packed up to this length). Default since session 8: "
+                   "32 tokens x 32 pieces instead of 64 x 16 (the held-out sets are single sentences; 400 probe "
+                   "steps gave 0.924 / 0.912 in / out of domain against 0.904 / 0.874, and 2,700 steps in 25.6 "
+                   "minutes 0.960 / 0.956).",
         "group_by_length": "train on batches of pieces of similar length (HuggingFace's group_by_length): "
                            "a batch is padded to its longest piece, so this cuts the padding and the step time "
                            "(default since session 7: mhlstm steps 0.67 s against 1.23 s, and 1,700 grouped steps "
