@@ -199,9 +199,7 @@ class GatedLinearAttentionDecoding:
         """One token ``x_t`` [B, 1, D] -> (output [B, 1, C], new state): ``GatedLinearAttention.step``,
         the sequence form's arithmetic for one token without its chunk and band bookkeeping."""
         self._check(mixer)
-        if x_t.shape[1] != 1:
-            return mixer.sequence(x_t, None, state)
-        return mixer.step(x_t, state)
+        return mixer.step(x_t, state)  # falls back to the sequence form for anything but one token
 
 
 class GatedLinearAttentionPruner(ReplacementPruner):
@@ -565,6 +563,11 @@ class GatedLinearAttention(nn.Module):
         batch, length, _ = x.shape
         return layer(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
 
+    @property
+    def state_parts(self) -> int:
+        """How many tensors the decoding state holds (``empty_state``'s length, without building it)."""
+        return 1 + 2 * bool(self.config.window) + self.rotary
+
     def empty_state(self, batch: int) -> tuple[torch.Tensor, ...]:
         """The decoding state before the first token: (linear state [B, H, F, head_dim + 1], then with a
         window the last ``window`` rotated keys [B, kv_heads, W, head_dim] and values with their
@@ -588,9 +591,9 @@ class GatedLinearAttention(nn.Module):
         kind, window = self.config.feature_map, self.config.window
         if state is not None and not isinstance(state, tuple):
             state = (state,)
-        if state is not None and len(state) != len(self.empty_state(0)):
+        if state is not None and len(state) != self.state_parts:
             raise SurgeryError(f"linear's decoding state has {len(state)} parts, this mixer keeps "
-                               f"{len(self.empty_state(0))} (window={window}, rotary={self.rotary}); start a new state")
+                               f"{self.state_parts} (window={window}, rotary={self.rotary}); start a new state")
         q, k, v = self._heads(x, self.q), self._heads(x, self.k), self._heads(x, self.v)
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column: the normaliser
         keep = None
@@ -730,7 +733,7 @@ class GatedLinearAttention(nn.Module):
         """
         # a tracer (torch.export of a DecodeStep) records the parameters' own ops: the pack is a cache
         if (torch.is_grad_enabled() or _tracing() or not self.shape.causal or x.shape[1] != 1
-                or not isinstance(state, tuple) or len(state) != len(self.empty_state(0))):
+                or not isinstance(state, tuple) or len(state) != self.state_parts):
             return self.sequence(x, None, state)
         pack = self._step_pack()
         batch, heads, groups, head = x.shape[0], self.shape.num_heads, self.kv_heads, self.head_dim
