@@ -189,3 +189,45 @@ def test_optimize_pads_pruned_mlp_widths_exactly():
     assert all(block.mlp.fc1.out_features % 8 == 0 for block in optimized.blocks)
     with torch.inference_mode():
         torch.testing.assert_close(run(optimized, inputs), run(model, inputs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("is_lstm", [True, False])
+@pytest.mark.parametrize("hidden, batch", [(64, 1), (64, 5), (24, 1), (136, 6), (8, 2)])
+def test_avx512_recurrence_equals_avx2_and_the_loop(is_lstm, hidden, batch):
+    """The AVX-512 mat-vec and gates (taken by default where the CPU has them) compute what the
+    8-wide AVX2 ones and the PyTorch loop compute: every tiling (256-, 64- and 8-column blocks), a
+    masked last gate vector (24, 136 = odd multiples of 8), pruned units, right-padded lengths."""
+    from replacements.native import load_kernel
+    from replacements.recurrence import _recurrence_torch, tile_columns
+
+    kernel = load_kernel()
+    if kernel is None and os.environ.get("SURGERY_FAST_KERNEL") != "1":
+        pytest.skip(f"native kernel unavailable: {fast.kernel_status()['error']} (SURGERY_FAST_KERNEL=1 "
+                    "makes this a failure)")
+    assert kernel is not None, fast.kernel_status()["error"]
+    if not kernel.avx512:
+        pytest.skip("this CPU has no AVX-512: the kernel runs its AVX2 path only (tested above)")
+    generator = torch.Generator().manual_seed(hidden + batch)
+    heads, steps, directions, gates = 3, 17, 2, 4 if is_lstm else 3
+    units = heads * directions
+    sizes = [hidden] * units
+    sizes[1] = max(1, hidden - 7)  # a pruned unit: zero rows and columns past its size
+    w_hh = torch.randn(units, hidden, gates * hidden, generator=generator) * 0.3
+    for unit, size in enumerate(sizes):
+        w_hh[unit, size:] = 0
+        for g in range(gates):
+            w_hh[unit, :, g * hidden + size:(g + 1) * hidden] = 0
+    b_hh = torch.randn(units, gates * hidden, generator=generator) * 0.1
+    xg = torch.randn(heads, batch, steps, directions, gates * hidden, generator=generator)
+    lengths = torch.tensor([steps - (3 * b) % steps for b in range(batch)])
+    reference = _recurrence_torch(xg, w_hh, b_hh, lengths, is_lstm)
+    args = (xg, tile_columns(w_hh), b_hh, torch.tensor(sizes), lengths, is_lstm)
+    try:
+        assert kernel.use_avx512(False) is False
+        narrow = kernel.recurrence(*args)
+    finally:
+        assert kernel.use_avx512(True) is True
+    wide = kernel.recurrence(*args)
+    torch.testing.assert_close(narrow, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wide, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wide, narrow, atol=1e-5, rtol=0)

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -118,6 +119,126 @@ inline void matvec(const W* __restrict w, const float* __restrict h, const float
   for (; r < GP; r += 8) matvec_tile<1>(w + r * rows, h, bias + r, acc + r, hidden);
 }
 
+
+// AVX-512 paths, compiled with per-function target attributes and chosen at run time
+// (__builtin_cpu_supports), so the portable -mavx2 build still runs on every AVX2 CPU: the float32
+// mat-vec with all 256 gate columns of a 64-wide LSTM head in 16 zmm accumulators (same products,
+// same order, so the same sums as the 8-wide one), and 16-wide gates.
+#if SURGERY_AVX2 && defined(__x86_64__) && ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || \
+                                           (defined(__clang__) && __clang_major__ >= 12))
+#define SURGERY_AVX512 1
+#define SURGERY_TARGET_512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#else
+#define SURGERY_AVX512 0
+#endif
+
+bool cpu_has_avx512() {
+#if SURGERY_AVX512
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+
+#if SURGERY_AVX512
+// acc[0:64*NT] = bias + h[0:hidden] @ W over NT consecutive 64-column tiles of the column-tiled
+// float32 layout (tile t at t*64*rows), 4 zmm accumulators per tile, all in registers.
+template <int NT>
+SURGERY_TARGET_512 inline void matvec512_tiles(const float* __restrict w, const float* __restrict h,
+                                              const float* __restrict bias, float* __restrict acc,
+                                              int64_t hidden, int64_t rows) {
+  __m512 a[4 * NT];
+  for (int v = 0; v < 4 * NT; ++v) a[v] = _mm512_loadu_ps(bias + 16 * v);
+  for (int64_t i = 0; i < hidden; ++i) {
+    const __m512 hi = _mm512_set1_ps(h[i]);
+    for (int t = 0; t < NT; ++t) {
+      const float* __restrict row = w + t * 64 * rows + i * 64;
+      for (int v = 0; v < 4; ++v) a[4 * t + v] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(row + 16 * v), a[4 * t + v]);
+    }
+  }
+  for (int v = 0; v < 4 * NT; ++v) _mm512_storeu_ps(acc + 16 * v, a[v]);
+}
+
+// the float32 column-tiled mat-vec (same layout and result as matvec<float>, 16-wide)
+SURGERY_TARGET_512 inline void matvec512(const float* __restrict w, const float* __restrict h,
+                                         const float* __restrict bias, float* __restrict acc,
+                                         int64_t hidden, int64_t rows, int64_t GP) {
+  int64_t r = 0;
+  for (; r + 256 <= GP; r += 256) matvec512_tiles<4>(w + r * rows, h, bias + r, acc + r, hidden, rows);
+  for (; r + 64 <= GP; r += 64) matvec512_tiles<1>(w + r * rows, h, bias + r, acc + r, hidden, rows);
+  for (; r < GP; r += 8) matvec_tile<1>(w + r * rows, h, bias + r, acc + r, hidden);
+}
+
+// exp8 / sigmoid8 / tanh8 16-wide (the same polynomials, so the same accuracy)
+SURGERY_TARGET_512 inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3365f)), _mm512_set1_ps(88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+SURGERY_TARGET_512 inline __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+SURGERY_TARGET_512 inline __m512 tanh16(__m512 x) {
+  const __m512 sign_bit = _mm512_set1_ps(-0.f), one = _mm512_set1_ps(1.f);
+  const __m512 ax = _mm512_andnot_ps(sign_bit, x);
+  const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(exp16(_mm512_add_ps(ax, ax)), one)));
+  const __m512 z = _mm512_mul_ps(ax, ax);
+  __m512 p = _mm512_set1_ps(-5.70498872745E-3f);
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.06390887954E-2f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.37397155531E-2f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.33314422036E-1f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.33332819422E-1f));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), ax, ax);
+  const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), big, small);
+  return _mm512_or_ps(r, _mm512_and_ps(x, sign_bit));
+}
+
+// gates<> 16 wide (a masked last vector when P is an odd multiple of 8)
+template <bool IS_LSTM>
+SURGERY_TARGET_512 inline void gates512(const float* __restrict x, const float* __restrict a, float* __restrict hp,
+                                        float* __restrict cp, float* __restrict o, int64_t P) {
+  for (int64_t j = 0; j < P; j += 16) {
+    const __mmask16 m = P - j >= 16 ? __mmask16(0xFFFF) : __mmask16(0x00FF);
+    auto at = [&](const float* base, int64_t g) SURGERY_TARGET_512 { return _mm512_maskz_loadu_ps(m, base + g * P + j); };
+    __m512 hj;
+    if (IS_LSTM) {
+      const __m512 ig = sigmoid16(_mm512_add_ps(at(x, 0), at(a, 0)));
+      const __m512 fg = sigmoid16(_mm512_add_ps(at(x, 1), at(a, 1)));
+      const __m512 gg = tanh16(_mm512_add_ps(at(x, 2), at(a, 2)));
+      const __m512 og = sigmoid16(_mm512_add_ps(at(x, 3), at(a, 3)));
+      const __m512 cj = _mm512_fmadd_ps(fg, _mm512_maskz_loadu_ps(m, cp + j), _mm512_mul_ps(ig, gg));
+      _mm512_mask_storeu_ps(cp + j, m, cj);
+      hj = _mm512_mul_ps(og, tanh16(cj));
+    } else {
+      const __m512 rg = sigmoid16(_mm512_add_ps(at(x, 0), at(a, 0)));
+      const __m512 zg = sigmoid16(_mm512_add_ps(at(x, 1), at(a, 1)));
+      const __m512 ng = tanh16(_mm512_fmadd_ps(rg, at(a, 2), at(x, 2)));
+      hj = _mm512_fmadd_ps(zg, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, hp + j), ng), ng);
+    }
+    _mm512_mask_storeu_ps(hp + j, m, hj);
+    _mm512_mask_storeu_ps(o + j, m, hj);
+  }
+}
+
+#endif
+
 // x: input gates [G*P], a: recurrent gates (W_hh h + b_hh) [G*P]; updates h (hp) and c (cp) in
 // place and writes h to o. GRU keeps b_hn inside r * (W_hn h + b_hn), as nn.GRU does.
 template <bool IS_LSTM>
@@ -204,11 +325,50 @@ void run_group(const float* __restrict xg, const W* __restrict whh, const float*
 }
 
 
+#if SURGERY_AVX512
+// run_group with the AVX-512 mat-vec and gates (float32 W_hh, column-tiled as for run_group)
+template <bool IS_LSTM>
+SURGERY_TARGET_512 void run_group_512(const float* __restrict whh, const float* __restrict xg, const float* __restrict bhh,
+                                      float* __restrict out, int64_t samples, const int64_t* lengths, bool reverse,
+                                      int64_t hidden, int64_t P, int64_t x_step, int64_t o_step, int64_t x_sample,
+                                      int64_t o_sample) {
+  constexpr int64_t G = IS_LSTM ? 4 : 3;
+  const int64_t GP = G * P;
+  std::vector<float> acc(samples * GP), h(samples * P, 0.f), c(samples * P, 0.f);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < samples; ++b) longest = std::max(longest, lengths[b]);
+  for (int64_t s = 0; s < longest; ++s) {
+    if (samples == 1) {
+      matvec512(whh, h.data(), bhh, acc.data(), hidden, P, GP);
+    } else {  // tile by tile over the group, as run_group: each 64-column tile serves every sample from L1
+      int64_t r = 0;
+      for (; r + 64 <= GP; r += 64)
+        for (int64_t b = 0; b < samples; ++b)
+          if (s < lengths[b]) matvec512_tiles<1>(whh + r * P, h.data() + b * P, bhh + r, acc.data() + b * GP + r, hidden, P);
+      for (; r < GP; r += 8)
+        for (int64_t b = 0; b < samples; ++b)
+          if (s < lengths[b]) matvec_tile<1>(whh + r * P, h.data() + b * P, bhh + r, acc.data() + b * GP + r, hidden);
+    }
+    for (int64_t b = 0; b < samples; ++b) {
+      if (s >= lengths[b]) continue;
+      const int64_t t = reverse ? lengths[b] - 1 - s : s;
+      gates512<IS_LSTM>(xg + b * x_sample + t * x_step, acc.data() + b * GP, h.data() + b * P,
+                        c.data() + b * P, out + b * o_sample + t * o_step, P);
+    }
+  }
+}
+#endif
+
+// whether the float32 recurrence takes the AVX-512 mat-vec (on by default where the CPU has it;
+// use_avx512(False) pins the AVX2 one, for comparisons)
+bool g_avx512 = cpu_has_avx512();
+
 template <typename W>
 void recurrence_impl(const float* xp, const W* wp, const float* bp, float* op, const int64_t* sizes,
                      const std::vector<int64_t>& len, int64_t K, int64_t B, int64_t T, int64_t D,
                      int64_t G, int64_t P, bool is_lstm) {
   const int64_t x_step = D * G * P, o_step = D * P;
+  const bool wide = std::is_same<W, float>::value && g_avx512;
   // one work item = one (head, direction) and a group of up to 4 samples: independent recurrences,
   // in one parallel region for the whole call (not one per step)
   constexpr int64_t GROUP = 4;
@@ -222,6 +382,17 @@ void recurrence_impl(const float* xp, const W* wp, const float* bp, float* op, c
       float* o = op + ((k * B + b0) * T * D + d) * P;
       const W* w = wp + unit * P * G * P;
       const float* bb = bp + unit * G * P;
+#if SURGERY_AVX512
+      if constexpr (std::is_same<W, float>::value) if (wide) {
+        if (is_lstm)
+          run_group_512<true>(w, x, bb, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
+                              o_step, x_sample, o_sample);
+        else
+          run_group_512<false>(w, x, bb, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
+                               o_step, x_sample, o_sample);
+        continue;
+      }
+#endif
       if (is_lstm)
         run_group<true>(x, w, bb, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
                         o_step, x_sample, o_sample);
@@ -340,4 +511,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("recurrence", &recurrence, "multi-head multi-direction LSTM/GRU recurrence (inference)");
   m.def("step", &step, "one decode step of every head of a forward-only LSTM/GRU layer");
   m.attr("half_weights") = bool(SURGERY_AVX2);
+  m.attr("avx512") = cpu_has_avx512();
+  m.def("use_avx512", [](bool on) { g_avx512 = on && cpu_has_avx512(); return g_avx512; },
+        "pin the float32 recurrence's AVX-512 mat-vec on (where the CPU has it) or off; returns the setting");
 }
