@@ -141,11 +141,17 @@ class Replacement:
         pruner: a ``surgery.units.ReplacementPruner`` subclass (or instance); None = unprunable.
         serves: the site kinds it can take the place of (``surgery.sites.SITE_KINDS``).
         training_form: a ``BatchedTraining`` (several mixers in one call), or None.
-        inference_form: ``inference_form(mixer, projection=None, use_kernel=None) -> nn.Module``: a
-            separate module computing the same function for inference (``surgery.fast.optimize``
-            of earlier versions swapped it in); the module itself already runs it in eval mode. A
-            hook that also names a ``recurrent_weights`` parameter receives
-            ``optimize(model, recurrent_weights=...)`` ("float32" exact, "float16" opt-in).
+        inference_form: ``inference_form(mixer, use_kernel=None) -> nn.Module``: a separate
+            module computing the same function for inference (``surgery.fast.optimize`` of earlier
+            versions swapped it in); the module itself already runs it in eval mode. A hook that
+            also names a ``recurrent_weights`` parameter receives ``optimize(model,
+            recurrent_weights=...)`` ("float32" exact, "float16" opt-in).
+        folded_form: ``folded_form(mixer, projection) -> nn.Module | None``: the inference form
+            with the site's reused output projection (an ``nn.Linear``) multiplied in, called as
+            ``form(x, padding_mask)`` in place of ``projection(mixer(x, padding_mask))``. The site
+            asks for it on every call in eval mode without gradients (no tracer, no hooks on the
+            mixer or the projection), so the hook caches it until a weight changes; None = not
+            here (the site then runs the mixer and the projection). None = never folded.
         decoding: a ``DecodingForm`` for causal sites, or None.
         init_from_teacher: ``init_from_teacher(mixer, evidence: TeacherEvidence) -> summary`` (a
             JSON-able list), or None when the replacement has no teacher-derived start.
@@ -165,6 +171,7 @@ class Replacement:
     serves: tuple[str, ...] = ("self",)
     training_form: BatchedTraining | None = None
     inference_form: Callable[..., nn.Module] | None = None
+    folded_form: Callable[[nn.Module, nn.Module], nn.Module | None] | None = None
     decoding: DecodingForm | None = None
     init_from_teacher: Callable[[nn.Module, TeacherEvidence], Any] | None = None
     resize: Callable[[nn.Module, dict], None] | None = None

@@ -13,7 +13,7 @@ from surgery.decoding import decoding_form, site_call
 from surgery.errors import NoAttentionFoundError, SurgeryError, UnsupportedSiteError
 from surgery.inputs import as_args_kwargs, default_example_inputs
 from surgery.locate import _Call, _causal_probe, _first_tensor, _hidden_states, find_attention, run_example
-from surgery.registry import MixerShape, Replacement, ReplacementConfig, get_replacement
+from surgery.registry import MixerShape, Replacement, ReplacementConfig, get_replacement, using_reference_forms
 from surgery.sites import AttentionSite, SkippedSite
 
 #: plain attributes of the original block copied onto the wrapper, since callers read them
@@ -91,8 +91,33 @@ class ReplacedAttention(nn.Module):
         context = site_call(self, hidden, valid, kwargs)
         if context is None:
             _refuse_incremental_decoding(self.site.name, kwargs, hidden.shape[1])
+            folded = self.folded_form()
+            if folded is not None:
+                return self.pack_output(folded(hidden, valid))
             context = self.mixer(hidden, valid)
         return self.pack_output(self.project(context))
+
+    def folded_form(self) -> nn.Module | None:
+        """The replacement's inference form with the reused output projection multiplied in (its
+        ``folded_form`` hook; ``conv`` has one), for a call that may use it: eval mode without
+        gradients, no tracer or compiler, not inside ``reference_forms()``, a plain ``nn.Linear``
+        projection, no active dropout after it, and no hooks on the mixer, the projection or their
+        submodules (a hook expects its module to run). None = run the mixer, then the projection."""
+        if self.training or torch.is_grad_enabled() or not self.out_proj_attribute or using_reference_forms():
+            return None
+        hook = self.__dict__.get("_folded_hook", False)
+        if hook is False:
+            hook = get_replacement(self.replacement).folded_form
+            object.__setattr__(self, "_folded_hook", hook)
+        if hook is None or _tracing():
+            return None
+        projection = getattr(self, self.out_proj_attribute)
+        dropout = getattr(self, self.out_dropout_attribute) if self.out_dropout_attribute else None
+        if type(projection) is not nn.Linear or (dropout is not None and dropout.training) or projection.training:
+            return None
+        if _any_hooks(self.mixer) or _any_hooks(projection):
+            return None
+        return hook(self.mixer, projection)
 
     def project(self, context: torch.Tensor) -> torch.Tensor:
         """Apply the reused output projection (and its dropout) to the mixer's context output."""
@@ -114,6 +139,23 @@ class ReplacedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}, replacement={self.replacement!r}, finalized={self.finalized}"
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+
+
+def _tracing() -> bool:
+    """True under a tracer or compiler (JIT trace for FLOP counting, torch.export, dynamo)."""
+    return bool(torch.jit.is_tracing() or _is_exporting() or torch.compiler.is_compiling())
+
+
+def _any_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` or a submodule has forward (pre-)hooks, or global module hooks are set."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")

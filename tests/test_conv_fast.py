@@ -150,3 +150,81 @@ def test_whole_model_eval_equals_the_reference_form(path, case):
         expected = main_tensor(run(ReferenceForms(copy.deepcopy(model)), inputs))
         got = main_tensor(run(model, inputs))
     torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
+def _vit_with_conv():
+    model, inputs = build("timm_vit")
+    surgery.replace_attention(model, "conv", inputs)
+    surgery.finalize(model)
+    with torch.no_grad():
+        for wrapper in surgery.swap.replaced_sites(model):
+            for conv in wrapper.mixer.convs:
+                conv.weight.normal_(0, 0.3)
+    return model.eval(), inputs
+
+
+def _count_projection_calls(wrapper) -> list[int]:
+    """Count the reused projection's forward calls (an instance attribute, not a hook: a hook
+    would itself switch the fold off)."""
+    calls = [0]
+    projection = wrapper.out_projection
+    original = type(projection).forward
+
+    def counted(x):
+        calls[0] += 1
+        return original(projection, x)
+
+    projection.forward = counted
+    return calls
+
+
+def test_site_folds_the_projection_into_conv_in_eval(path):
+    """In eval mode without gradients a conv site runs one folded form (projection multiplied into
+    ``out``) instead of the mixer and then the projection, with the same outputs within 1e-5; the
+    fold follows weight changes of the projection and of the mixer."""
+    model, inputs = _vit_with_conv()
+    wrappers = list(surgery.swap.replaced_sites(model))
+    calls = _count_projection_calls(wrappers[0])
+    with torch.inference_mode():
+        expected = main_tensor(run(ReferenceForms(model), inputs))
+        assert calls[0] == 1  # the reference form runs the projection
+        got = main_tensor(run(model, inputs))
+    assert calls[0] == 1, "the folded form should have replaced the projection's own call"
+    assert all(w.mixer in conv_module._FOLDED for w in wrappers)
+    torch.testing.assert_close(got, expected, **TOLERANCE)
+    for change in (wrappers[0].out_projection.weight, wrappers[0].mixer.out.bias):
+        with torch.no_grad():
+            change.mul_(1.5)  # bumps the version: the next call folds again
+        with torch.inference_mode():
+            expected = main_tensor(run(ReferenceForms(model), inputs))
+            got = main_tensor(run(model, inputs))
+        torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
+def test_fold_steps_aside_for_hooks_gradients_and_training():
+    """A hook on the projection (or the mixer) must see its module run, gradients and training need
+    the modules themselves: in each case the site runs the mixer and then the projection."""
+    model, inputs = _vit_with_conv()
+    wrapper = next(iter(surgery.swap.replaced_sites(model)))
+    calls = _count_projection_calls(wrapper)
+    seen = []
+    handle = wrapper.out_projection.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.inference_mode():
+        run(model, inputs)
+    assert calls[0] == 1 and len(seen) == 1
+    handle.remove()
+    handle = wrapper.mixer.pre_proj.register_forward_pre_hook(lambda module, args: None)
+    with torch.inference_mode():
+        run(model, inputs)
+    assert calls[0] == 2
+    handle.remove()
+    main_tensor(run(model, inputs)).sum().backward()  # eval mode, gradients on
+    assert calls[0] == 3 and wrapper.out_projection.weight.grad is not None
+    model.train()
+    with torch.no_grad():
+        run(model, inputs)
+    assert calls[0] == 4
+    model.eval()
+    with torch.inference_mode():
+        run(model, inputs)
+    assert calls[0] == 4  # folded again
