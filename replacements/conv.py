@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fitting import least_squares, masked_rows
+from .native import load_kernel
 from .recurrence import weights_token
 from surgery.errors import SurgeryError
 from surgery.registry import MixerShape, ReplacementConfig, TeacherEvidence, register_replacement, using_reference_forms
@@ -237,14 +238,20 @@ def _reference_forward(pre_proj: nn.Module, convs: nn.ModuleList, out: nn.Module
 # spent most of its mixer time outside the matmuls: per depthwise layer a [B, C, N] conv1d (oneDNN
 # reorders the transposed input and the weight at every call), an unfused erf GELU over the whole
 # activation and a residual add, then a copy back to [B, N, C] for the output Linear. The inference
-# form keeps the tokens-last layout throughout: a [B, N, C] tensor viewed as [B, C, 1, N] is
-# channels-last, which oneDNN's depthwise kernel reads directly; the weight is reordered once; the
-# GELU runs as the convolution's post-op; the residual is added in place. The two stacked convolutions
-# cannot merge (a GELU lies between them), and ``out`` cannot merge with ``pre_proj`` for the same
-# reason; ``FastTokenConvolution(projection=...)`` multiplies a following projection into ``out``.
+# form keeps the tokens-last layout throughout. Where the native kernels compile, each depthwise
+# layer is one pass of replacements/csrc/token_conv.cpp: y + gelu(depthwise(y)) with the exact GELU,
+# the zero padding inside (37 us against oneDNN's 60 us plus a 4-8 us add; DeiT-T conv 0.91x -> 0.80x
+# attention, 1 thread). Elsewhere a [B, N, C] tensor viewed as [B, C, 1, N] is channels-last, which
+# oneDNN's depthwise kernel reads directly; the weight is reordered once; the GELU runs as the
+# convolution's post-op; the residual is added in place. The two stacked convolutions cannot merge (a
+# GELU lies between them), and ``out`` cannot merge with ``pre_proj`` for the same reason; the site's
+# reused projection is multiplied into ``out`` (``folded_form``, ``FastTokenConvolution(projection=...)``).
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
-_FUSED: dict[str, bool] = {}  # "available": oneDNN's fused convolution op runs here and agrees (probed once)
+# "available": oneDNN's fused convolution op runs here and agrees (probed once); "native": False pins
+# the native token-convolution kernel off (tests run every path)
+_FUSED: dict[str, bool] = {}
+_EMPTY = torch.empty(0)
 # mixer -> (key, packed kernels); outside the module so deepcopy, pickling and state_dict never see
 # the packed (opaque oneDNN) tensors, and a copied mixer packs its own
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -291,21 +298,38 @@ def _fused_op_available() -> bool:
     return _FUSED["available"]
 
 
-def _packed_kernels(mixer: nn.Module, x: torch.Tensor) -> tuple[bool, list] | None:
-    """(fused, per depthwise convolution its ``[C, 1, 1, k]`` kernel, oneDNN-packed when fused),
-    cached on the mixer until a weight changes (an optimiser step, pruning, ``load_state_dict``: each
-    changes a tensor's version or storage). None where the inference form does not apply (not CPU
-    float32). Kept outside the module: nothing of it is saved or copied."""
+def _native_kernel():
+    """The native kernels' module when it has ``token_conv_gelu`` (``replacements/csrc/token_conv.cpp``:
+    the depthwise convolution, its GELU and the residual in one pass), else None (no compiler, or
+    ``SURGERY_FAST_KERNEL=0``; oneDNN's op runs then). ``_FUSED["native"] = False`` pins it off."""
+    if _FUSED.get("native") is False:
+        return None
+    kernel = load_kernel()
+    return kernel if kernel is not None and hasattr(kernel, "token_conv_gelu") else None
+
+
+def _packed_kernels(mixer: nn.Module, x: torch.Tensor) -> tuple[str, list] | None:
+    """(path, per depthwise convolution its kernel in that path's layout), cached on the mixer until
+    a weight changes (an optimiser step, pruning, ``load_state_dict``: each changes a tensor's version
+    or storage). Paths: ``"native"`` (the token-convolution kernel, ``[k, C]`` kernels), ``"fused"``
+    (oneDNN's convolution with the GELU post-op, oneDNN-packed ``[C, 1, 1, k]``), ``"unfused"``
+    (conv2d then GELU). None where the inference form does not apply (not CPU float32). Kept outside
+    the module: nothing of it is saved or copied."""
     weight = mixer.convs[0].weight
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 3:
         return None
-    fused = _fused_op_available()
-    key = (fused, tuple((c.weight.data_ptr(), c.weight._version, tuple(c.weight.shape)) for c in mixer.convs))
+    path = "native" if _native_kernel() is not None else "fused" if _fused_op_available() else "unfused"
+    key = (path, tuple((c.weight.data_ptr(), c.weight._version, tuple(c.weight.shape)) for c in mixer.convs))
     cached = _PACKED.get(mixer)
     if cached is not None and cached[0] == key:
         return cached[1]
-    kernels = [conv.weight.detach().unsqueeze(2).contiguous() for conv in mixer.convs]
-    packs = (fused, [_pack(k) for k in kernels] if fused else kernels)
+    if path == "native":
+        kernels = [conv.weight.detach()[:, 0, :].T.contiguous() for conv in mixer.convs]
+    else:
+        kernels = [conv.weight.detach().unsqueeze(2).contiguous() for conv in mixer.convs]
+        if path == "fused":
+            kernels = [_pack(k) for k in kernels]
+    packs = (path, kernels)
     _PACKED[mixer] = (key, packs)
     return packs
 
@@ -313,14 +337,19 @@ def _packed_kernels(mixer: nn.Module, x: torch.Tensor) -> tuple[bool, list] | No
 def _fast_forward(pre_proj: nn.Module, convs: nn.ModuleList, out: nn.Module, pads: tuple[int, int],
                   packs: tuple[bool, list], x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
     """The mixer's function in the tokens-last layout (see the comment above)."""
-    fused, kernels = packs
-    depthwise_gelu = _fused if fused else _unfused
+    path, kernels = packs
+    depthwise_gelu = _fused if path == "fused" else _unfused
     y = pre_proj(x)  # [B, N, C]
     keep = None if padding_mask is None else padding_mask.unsqueeze(-1).to(y.dtype)
     left, right = pads
+    native = _native_kernel() if path == "native" else None
     for conv, kernel in zip(convs, kernels):
         if keep is not None:
             y = y * keep
+        if native is not None:  # y + gelu(depthwise(y)) in one pass, zero padding inside
+            bias = _EMPTY if conv.bias is None else conv.bias.detach()
+            y = native.token_conv_gelu(y.contiguous(), kernel, bias, left)
+            continue
         if left == right:
             window, padding = y, left
         else:  # causal (or an even kernel): pad the tokens once, the kernel pads nothing

@@ -1,4 +1,5 @@
-"""The native recurrence kernel (``csrc/recurrence.cpp``): built once with
+"""The native kernels (``csrc/``: the multi-head recurrence of ``mhlstm``/``gru``, ``conv``'s token
+convolution, one extension): built once with
 ``torch.utils.cpp_extension.load``, cached by a hash of its source, its flags and torch's version.
 
 Portable by default: no ``-march=native`` (a build cache shared by several machines must not hand
@@ -23,7 +24,13 @@ from typing import Any
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "recurrence.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+#: the recurrence kernel (kept for code that read it)
+SOURCE = _CSRC / "recurrence.cpp"
+#: the extension's sources: the recurrence, conv's token convolution and their bindings
+SOURCES = (SOURCE, _CSRC / "token_conv.cpp", _CSRC / "bindings.cpp")
+#: headers they include (hashed with the sources, so an edit to one rebuilds)
+HEADERS = (_CSRC / "kernels.h", _CSRC / "vector_math.h")
 
 # -ffast-math only when compiling (it lets GCC call libmvec's vector expf/tanhf); the link line
 # never sees it, so crtfastmath's flush-to-zero is not set for the whole process
@@ -68,7 +75,8 @@ def build_name() -> str:
     """The extension's name: a hash of the source, the flags, torch's version (and, with
     ``-march=native``, the CPU), so a changed input never reuses a stale build."""
     flags = _flags()
-    parts = [SOURCE.read_bytes().decode(), " ".join(flags), " ".join(_LINK_FLAGS), torch.__version__]
+    parts = [path.read_bytes().decode() for path in SOURCES + HEADERS]
+    parts += [" ".join(flags), " ".join(_LINK_FLAGS), torch.__version__]
     if "-march=native" in flags:
         parts.append(_cpu_identity())
     return "surgery_recurrence_" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
@@ -99,7 +107,7 @@ def load_kernel() -> Any:
         try:
             from torch.utils.cpp_extension import load
 
-            _kernel = load(name=build_name(), sources=[str(SOURCE)], extra_cflags=_flags(),
+            _kernel = load(name=build_name(), sources=[str(path) for path in SOURCES], extra_cflags=_flags(),
                            extra_ldflags=_LINK_FLAGS, verbose=False)
         except Exception as error:  # no headers, a failed build, ...: the PyTorch loop still works
             lines = str(error).strip().splitlines()

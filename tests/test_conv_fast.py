@@ -20,11 +20,16 @@ from surgery.replacements.conv import FastTokenConvolution, TokenConvolution, To
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=["fused", "unfused"])
+@pytest.fixture(params=["native", "fused", "unfused"])
 def path(request, monkeypatch):
-    """Both inference paths: oneDNN's fused op (where this build has it) and conv2d + GELU."""
+    """Every inference path: the native token-convolution kernel (where it compiles), oneDNN's fused
+    op (where this build has it) and conv2d + GELU."""
+    if request.param == "native" and conv_module._native_kernel() is None:
+        pytest.skip(f"native kernel unavailable: {surgery.fast.kernel_status()['error']} "
+                    "(the oneDNN and conv2d cases still run)")
     if request.param == "fused" and not conv_module._fused_op_available():
         pytest.skip("this torch build has no oneDNN fused convolution (the unfused case still runs)")
+    monkeypatch.setitem(conv_module._FUSED, "native", request.param == "native")
     monkeypatch.setitem(conv_module._FUSED, "available", request.param == "fused")
     return request.param
 
@@ -60,7 +65,7 @@ def test_inference_form_equals_the_reference_form(path, causal, kernel, layers, 
             with reference_forms():
                 assert torch.equal(mixer(x, mask), expected)
         torch.testing.assert_close(fast, expected, **TOLERANCE)
-        assert conv_module._PACKED[mixer][1][0] == (path == "fused")
+        assert conv_module._PACKED[mixer][1][0] == path
 
 
 def test_the_fast_path_runs_only_in_eval_without_gradients():
@@ -228,3 +233,50 @@ def test_fold_steps_aside_for_hooks_gradients_and_training():
     with torch.inference_mode():
         run(model, inputs)
     assert calls[0] == 4  # folded again
+
+
+@pytest.mark.parametrize("channels", [192, 20, 8, 1])
+@pytest.mark.parametrize("kernel, left", [(7, 3), (7, 6), (4, 1), (1, 0)])
+def test_native_token_convolution_paths_equal_the_reference(channels, kernel, left):
+    """The native kernel's AVX-512 path (taken where the CPU has it) and its AVX2 path both compute
+    y + gelu(depthwise(y)) as conv1d and the exact GELU do, within 1e-5: masked channel tails, taps
+    past either end, sequences shorter than the kernel."""
+    native = conv_module._native_kernel()
+    if native is None:
+        pytest.skip(f"native kernel unavailable: {surgery.fast.kernel_status()['error']}")
+    generator = torch.Generator().manual_seed(channels + kernel)
+    for length in (1, 3, 29):
+        y = torch.randn(2, length, channels, generator=generator) * 3
+        weight = torch.randn(channels, 1, kernel, generator=generator) * 0.4
+        bias = torch.randn(channels, generator=generator)
+        padded = torch.nn.functional.pad(y.transpose(1, 2), (left, kernel - 1 - left))
+        expected = torch.nn.functional.gelu(torch.nn.functional.conv1d(padded, weight, bias, groups=channels))
+        expected = expected.transpose(1, 2) + y
+        packed = weight[:, 0, :].T.contiguous()
+        wide = native.token_conv_gelu(y, packed, bias, left)
+        try:
+            native.use_avx512(False)
+            narrow = native.token_conv_gelu(y, packed, bias, left)
+            no_bias = native.token_conv_gelu(y, packed, torch.empty(0), left)
+        finally:
+            native.use_avx512(True)
+        torch.testing.assert_close(wide, expected, **TOLERANCE)
+        torch.testing.assert_close(narrow, expected, **TOLERANCE)
+        bias_free = torch.nn.functional.gelu(torch.nn.functional.conv1d(padded, weight, None, groups=channels))
+        torch.testing.assert_close(no_bias, bias_free.transpose(1, 2) + y, **TOLERANCE)
+
+
+def test_gelu_of_the_native_kernel_over_a_wide_range():
+    """The kernel's GELU against float64 over [-30, 30] (1 tap of weight 1, no bias): within 2e-6."""
+    native = conv_module._native_kernel()
+    if native is None:
+        pytest.skip(f"native kernel unavailable: {surgery.fast.kernel_status()['error']}")
+    x = torch.linspace(-30, 30, 16 * 2001).view(1, 2001, 16).contiguous()
+    for wide in (True, False):
+        try:
+            native.use_avx512(wide)
+            got = native.token_conv_gelu(x, torch.ones(1, 16), torch.zeros(16), 0) - x
+        finally:
+            native.use_avx512(True)
+        error = (got.double() - torch.nn.functional.gelu(x.double())).abs().max().item()
+        assert error < 2e-6, (wide, error)

@@ -20,7 +20,6 @@
 //   out  [K, B, T, D, P]    hidden states (zeros at padded tokens and padded units)
 // Padded hidden units stay exactly zero (zero weights and biases keep c = 0 and h = 0), so heads
 // of different sizes after pruning share one layout without changing any real value.
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -29,39 +28,17 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define SURGERY_AVX2 1
-#else
-#define SURGERY_AVX2 0
-#endif
+#include "kernels.h"
+#include "vector_math.h"
 
 namespace {
 
 inline float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
 #if SURGERY_AVX2
-// 8-wide exp/sigmoid/tanh inline: the gate nonlinearities were ~28% of a DeiT-T step through
-// libmvec calls; these measured 0.93x the kernel time. Max relative error against float64 over
-// [-30, 30] (tests/test_fast.py): exp 1.2e-7, sigmoid 2.5e-7, tanh 1.9e-7.
-inline __m256 exp8(__m256 x) {
-  // Cody-Waite range reduction x = n ln2 + r, then Cephes' expf polynomial on r
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365f)), _mm256_set1_ps(88.3762626647949f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
+// 8-wide sigmoid/tanh inline (exp8 in vector_math.h): the gate nonlinearities were ~28% of a
+// DeiT-T step through libmvec calls; these measured 0.93x the kernel time. Max relative error
+// against float64 over [-30, 30] (tests/test_fast.py): exp 1.2e-7, sigmoid 2.5e-7, tanh 1.9e-7.
 inline __m256 sigmoid8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.f);
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
@@ -120,29 +97,9 @@ inline void matvec(const W* __restrict w, const float* __restrict h, const float
 }
 
 
-// AVX-512 paths, compiled with per-function target attributes and chosen at run time
-// (__builtin_cpu_supports), so the portable -mavx2 build still runs on every AVX2 CPU: the float32
-// mat-vec with all 256 gate columns of a 64-wide LSTM head in 16 zmm accumulators (same products,
-// same order, so the same sums as the 8-wide one), and 16-wide gates.
-#if SURGERY_AVX2 && defined(__x86_64__) && ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || \
-                                           (defined(__clang__) && __clang_major__ >= 12))
-#define SURGERY_AVX512 1
-#define SURGERY_TARGET_512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
-#else
-#define SURGERY_AVX512 0
-#endif
-
-bool cpu_has_avx512() {
-#if SURGERY_AVX512
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-
+// AVX-512 (vector_math.h): the float32 mat-vec with all 256 gate columns of a 64-wide LSTM head in
+// 16 zmm accumulators (same products, same order, so the same sums as the 8-wide one), and
+// 16-wide gates
 #if SURGERY_AVX512
 // acc[0:64*NT] = bias + h[0:hidden] @ W over NT consecutive 64-column tiles of the column-tiled
 // float32 layout (tile t at t*64*rows), 4 zmm accumulators per tile, all in registers.
@@ -172,24 +129,7 @@ SURGERY_TARGET_512 inline void matvec512(const float* __restrict w, const float*
   for (; r < GP; r += 8) matvec_tile<1>(w + r * rows, h, bias + r, acc + r, hidden);
 }
 
-// exp8 / sigmoid8 / tanh8 16-wide (the same polynomials, so the same accuracy)
-SURGERY_TARGET_512 inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3365f)), _mm512_set1_ps(88.3762626647949f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
+// sigmoid8 / tanh8 16-wide (exp16 in vector_math.h; the same polynomials, so the same accuracy)
 SURGERY_TARGET_512 inline __m512 sigmoid16(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.f);
   return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
@@ -359,16 +299,12 @@ SURGERY_TARGET_512 void run_group_512(const float* __restrict whh, const float* 
 }
 #endif
 
-// whether the float32 recurrence takes the AVX-512 mat-vec (on by default where the CPU has it;
-// use_avx512(False) pins the AVX2 one, for comparisons)
-bool g_avx512 = cpu_has_avx512();
-
 template <typename W>
 void recurrence_impl(const float* xp, const W* wp, const float* bp, float* op, const int64_t* sizes,
                      const std::vector<int64_t>& len, int64_t K, int64_t B, int64_t T, int64_t D,
                      int64_t G, int64_t P, bool is_lstm) {
   const int64_t x_step = D * G * P, o_step = D * P;
-  const bool wide = std::is_same<W, float>::value && g_avx512;
+  const bool wide = std::is_same<W, float>::value && avx512_enabled();
   // one work item = one (head, direction) and a group of up to 4 samples: independent recurrences,
   // in one parallel region for the whole call (not one per step)
   constexpr int64_t GROUP = 4;
@@ -507,11 +443,9 @@ std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor win, torch::Tenso
   return {h_new, c_new};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("recurrence", &recurrence, "multi-head multi-direction LSTM/GRU recurrence (inference)");
-  m.def("step", &step, "one decode step of every head of a forward-only LSTM/GRU layer");
-  m.attr("half_weights") = bool(SURGERY_AVX2);
-  m.attr("avx512") = cpu_has_avx512();
-  m.def("use_avx512", [](bool on) { g_avx512 = on && cpu_has_avx512(); return g_avx512; },
-        "pin the float32 recurrence's AVX-512 mat-vec on (where the CPU has it) or off; returns the setting");
+bool recurrence_half_weights() { return SURGERY_AVX2; }
+bool recurrence_avx512() { return cpu_has_avx512(); }
+bool recurrence_use_avx512(bool on) {
+  avx512_enabled() = on && cpu_has_avx512();
+  return avx512_enabled();
 }
