@@ -411,14 +411,24 @@ class FastMultiHeadRecurrent(nn.Module):
             offset += width
         return torch.cat(blocks).float().contiguous(), bias.float()
 
-    def _recurrence(self, xg: torch.Tensor, layer: int, lengths: torch.Tensor | None) -> torch.Tensor:
+    def _layer(self, states: torch.Tensor, layer: int, lengths: torch.Tensor | None, batch: int,
+               steps: int) -> torch.Tensor:
+        """One recurrent layer: states [K, B*T, inputs] -> hidden states [K, B, T, D, P]. The kernel
+        adds the input bias b_ih per step itself (a bmm without it, not a baddbmm that first writes
+        the bias broadcast over every token: 85 us of a DeiT-T block); the PyTorch loop gets it
+        in the batched input projection."""
+        K, D, G, P = len(self.hidden_sizes), self.directions, self.gates, self.padded
+        w_in, b_in = getattr(self, f"w_in{layer}"), getattr(self, f"b_in{layer}")
         w_hh, b_hh = getattr(self, f"w_hh{layer}"), getattr(self, f"b_hh{layer}")
-        kernel = self.kernel(xg)
+        kernel = self.kernel(states)
         if kernel is not None:
+            xg = torch.bmm(states, w_in)
             empty = torch.empty(0, dtype=torch.long)
-            return kernel.recurrence(xg.contiguous(), getattr(self, f"w_hh_tiled{layer}"), b_hh, self.sizes.cpu(),
-                                     empty if lengths is None else lengths.cpu().long(), self.is_lstm)
-        return _recurrence_torch(xg, w_hh, b_hh, lengths, self.is_lstm)
+            return kernel.recurrence(xg.view(K, batch, steps, D, G * P), getattr(self, f"w_hh_tiled{layer}"),
+                                     b_hh, self.sizes.cpu(), empty if lengths is None else lengths.cpu().long(),
+                                     self.is_lstm, b_in.view(K * D, G * P))
+        xg = torch.baddbmm(b_in, states, w_in)
+        return _recurrence_torch(xg.view(K, batch, steps, D, G * P), w_hh, b_hh, lengths, self.is_lstm)
 
     def kernel(self, x: torch.Tensor) -> Any:
         """The native kernel module if it serves ``x`` (CPU float32, not under a tracer, not pinned
@@ -451,9 +461,7 @@ class FastMultiHeadRecurrent(nn.Module):
             states = torch.stack([F.pad(c, (0, width - c.shape[-1]))
                                   for c in flat.split(self.input_sizes, dim=-1)])
         for layer in range(self.num_layers):
-            xg = torch.baddbmm(getattr(self, f"b_in{layer}"), states, getattr(self, f"w_in{layer}"))
-            hidden = self._recurrence(xg.view(K, B, T, D, G * P), layer, lengths)
-            states = hidden.view(K, B * T, D * P)
+            states = self._layer(states, layer, lengths, B, T).view(K, B * T, D * P)
         if self.folded:
             flat_states = states.transpose(0, 1).reshape(B * T, K * D * P)
             return torch.addmm(self.b_fold, flat_states, self.w_fold).view(B, T, -1)

@@ -2,7 +2,9 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("recurrence", &recurrence, "multi-head multi-direction LSTM/GRU recurrence (inference)");
+  m.def("recurrence", &recurrence, "multi-head multi-direction LSTM/GRU recurrence (inference)", py::arg("xg"),
+        py::arg("whh"), py::arg("bhh"), py::arg("sizes"), py::arg("lengths"), py::arg("is_lstm"),
+        py::arg("bin") = torch::empty({0}));
   m.def("step", &step, "one decode step of every head of a forward-only LSTM/GRU layer");
   m.attr("half_weights") = recurrence_half_weights();
   m.attr("avx512") = recurrence_avx512();

@@ -9,7 +9,7 @@
 
 // recurrence.cpp: every head's and direction's LSTM/GRU recurrence in one call, and one decode step
 torch::Tensor recurrence(torch::Tensor xg, torch::Tensor whh, torch::Tensor bhh, torch::Tensor sizes,
-                         torch::Tensor lengths, bool is_lstm);
+                         torch::Tensor lengths, bool is_lstm, torch::Tensor bin);
 std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor win, torch::Tensor bin, torch::Tensor whh,
                                 torch::Tensor bhh, torch::Tensor h, torch::Tensor c, torch::Tensor sizes,
                                 bool is_lstm);

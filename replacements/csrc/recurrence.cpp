@@ -11,7 +11,7 @@
 // (_recurrence_torch) is the reference it is tested against (tests/test_fast.py).
 //
 // Layouts (U = heads * directions, unit u = head * D + direction, P = padded hidden size):
-//   xg   [K, B, T, D, G*P]  input gates incl. b_ih (zeros in padded slots)
+//   xg   [K, B, T, D, G*P]  input gates, incl. b_ih unless bin [U, G*P] brings it (zeros in padded slots)
 //   whh  [U, P*G*P]         W_hh transposed, zero-padded and column-tiled (float32, or float16 on
 //                           F16C builds): the G*P gate columns are cut into blocks of 64 (then 8)
 //                           and the block starting at column r is stored at r*P as [P rows][width],
@@ -269,18 +269,27 @@ inline void gates(const float* __restrict x, const float* __restrict a, float* _
   }
 }
 
+// x + b into out (the input projection's bias, added per step here rather than broadcast over the
+// whole [K, B, T, D, G*P] input by a baddbmm: 85 us of a DeiT-T block); x itself when b is null
+inline const float* with_bias(const float* __restrict x, const float* __restrict b, float* __restrict out, int64_t n) {
+  if (b == nullptr) return x;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = x[j] + b[j];
+  return out;
+}
+
 // One unit (head, direction) for a group of samples advanced in lockstep: W_hh is walked tile by
 // tile and each tile (64 gate columns x hidden rows, <= 16 KiB) serves every sample of the group
 // from L1, instead of streaming the whole matrix from L2 once per sample and step. (Computing a
 // tile's gates right after its mat-vec, gates interleaved in W_hh, measured 1.10x slower.)
 template <bool IS_LSTM, typename W>
 void run_group(const float* __restrict xg, const W* __restrict whh, const float* __restrict bhh,
-               float* __restrict out, int64_t samples, const int64_t* lengths, bool reverse,
+               const float* __restrict bin, float* __restrict out, int64_t samples, const int64_t* lengths, bool reverse,
                int64_t hidden, int64_t P, int64_t x_step, int64_t o_step, int64_t x_sample,
                int64_t o_sample) {
   constexpr int64_t G = IS_LSTM ? 4 : 3;
   const int64_t GP = G * P;  // a multiple of 8: P is padded to a multiple of 8
-  std::vector<float> acc(samples * GP), h(samples * P, 0.f), c(samples * P, 0.f);
+  std::vector<float> acc(samples * GP), h(samples * P, 0.f), c(samples * P, 0.f), xb(bin ? GP : 0);
   int64_t longest = 0;
   for (int64_t b = 0; b < samples; ++b) longest = std::max(longest, lengths[b]);
   for (int64_t s = 0; s < longest; ++s) {
@@ -294,7 +303,7 @@ void run_group(const float* __restrict xg, const W* __restrict whh, const float*
     for (int64_t b = 0; b < samples; ++b) {
       if (s >= lengths[b]) continue;
       const int64_t t = reverse ? lengths[b] - 1 - s : s;
-      gates<IS_LSTM>(xg + b * x_sample + t * x_step, acc.data() + b * GP, h.data() + b * P,
+      gates<IS_LSTM>(with_bias(xg + b * x_sample + t * x_step, bin, xb.data(), GP), acc.data() + b * GP, h.data() + b * P,
                      c.data() + b * P, out + b * o_sample + t * o_step, P);
     }
   }
@@ -305,12 +314,12 @@ void run_group(const float* __restrict xg, const W* __restrict whh, const float*
 // run_group with the AVX-512 mat-vec and gates (float32 W_hh, column-tiled as for run_group)
 template <bool IS_LSTM>
 SURGERY_TARGET_512 void run_group_512(const float* __restrict whh, const float* __restrict xg, const float* __restrict bhh,
-                                      float* __restrict out, int64_t samples, const int64_t* lengths, bool reverse,
+                                      const float* __restrict bin, float* __restrict out, int64_t samples, const int64_t* lengths, bool reverse,
                                       int64_t hidden, int64_t P, int64_t x_step, int64_t o_step, int64_t x_sample,
                                       int64_t o_sample) {
   constexpr int64_t G = IS_LSTM ? 4 : 3;
   const int64_t GP = G * P;
-  std::vector<float> acc(samples * GP), h(samples * P, 0.f), c(samples * P, 0.f);
+  std::vector<float> acc(samples * GP), h(samples * P, 0.f), c(samples * P, 0.f), xb(bin ? GP : 0);
   int64_t longest = 0;
   for (int64_t b = 0; b < samples; ++b) longest = std::max(longest, lengths[b]);
   for (int64_t s = 0; s < longest; ++s) {
@@ -328,7 +337,7 @@ SURGERY_TARGET_512 void run_group_512(const float* __restrict whh, const float* 
     for (int64_t b = 0; b < samples; ++b) {
       if (s >= lengths[b]) continue;
       const int64_t t = reverse ? lengths[b] - 1 - s : s;
-      gates512<IS_LSTM>(xg + b * x_sample + t * x_step, acc.data() + b * GP, h.data() + b * P,
+      gates512<IS_LSTM>(with_bias(xg + b * x_sample + t * x_step, bin, xb.data(), GP), acc.data() + b * GP, h.data() + b * P,
                         c.data() + b * P, out + b * o_sample + t * o_step, P);
     }
   }
@@ -336,7 +345,7 @@ SURGERY_TARGET_512 void run_group_512(const float* __restrict whh, const float* 
 #endif
 
 template <typename W>
-void recurrence_impl(const float* xp, const W* wp, const float* bp, float* op, const int64_t* sizes,
+void recurrence_impl(const float* xp, const W* wp, const float* bp, const float* bip, float* op, const int64_t* sizes,
                      const std::vector<int64_t>& len, int64_t K, int64_t B, int64_t T, int64_t D,
                      int64_t G, int64_t P, bool is_lstm) {
   const int64_t x_step = D * G * P, o_step = D * P;
@@ -354,22 +363,23 @@ void recurrence_impl(const float* xp, const W* wp, const float* bp, float* op, c
       float* o = op + ((k * B + b0) * T * D + d) * P;
       const W* w = wp + unit * P * G * P;
       const float* bb = bp + unit * G * P;
+      const float* bi = bip ? bip + unit * G * P : nullptr;
 #if SURGERY_AVX512
       if constexpr (std::is_same<W, float>::value) if (wide) {
         if (is_lstm)
-          run_group_512<true>(w, x, bb, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
+          run_group_512<true>(w, x, bb, bi, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
                               o_step, x_sample, o_sample);
         else
-          run_group_512<false>(w, x, bb, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
+          run_group_512<false>(w, x, bb, bi, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
                                o_step, x_sample, o_sample);
         continue;
       }
 #endif
       if (is_lstm)
-        run_group<true>(x, w, bb, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
+        run_group<true>(x, w, bb, bi, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
                         o_step, x_sample, o_sample);
       else
-        run_group<false>(x, w, bb, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
+        run_group<false>(x, w, bb, bi, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
                          o_step, x_sample, o_sample);
     }
   });
@@ -384,11 +394,12 @@ void check_weights(const torch::Tensor& w, int64_t units, int64_t rows, int64_t 
 
 }  // namespace
 
-// xg [K, B, T, D, G*P]; whh [U, P*G*P] column-tiled (float32 or float16); bhh [U, G*P];
+// xg [K, B, T, D, G*P] (input gates, without b_ih when bin is given); whh [U, P*G*P] column-tiled
+// (float32 or float16); bhh [U, G*P]; bin [U, G*P] (b_ih, added per step) or empty;
 // sizes [U] (real hidden size per unit); lengths [B] int64 (real tokens, right padded) or an
 // empty tensor for "all T".
 torch::Tensor recurrence(torch::Tensor xg, torch::Tensor whh, torch::Tensor bhh, torch::Tensor sizes,
-                         torch::Tensor lengths, bool is_lstm) {
+                         torch::Tensor lengths, bool is_lstm, torch::Tensor bin) {
   TORCH_CHECK(xg.dim() == 5 && xg.is_contiguous() && xg.scalar_type() == torch::kFloat,
               "xg must be a contiguous float32 [K, B, T, D, G*P] tensor");
   const int64_t K = xg.size(0), B = xg.size(1), T = xg.size(2), D = xg.size(3);
@@ -396,6 +407,9 @@ torch::Tensor recurrence(torch::Tensor xg, torch::Tensor whh, torch::Tensor bhh,
   const int64_t P = xg.size(4) / G;
   TORCH_CHECK(P % 8 == 0, "the padded hidden size must be a multiple of 8");
   check_weights(whh, K * D, P, G * P, "whh");
+  const bool has_bin = bin.defined() && bin.numel() > 0;
+  TORCH_CHECK(!has_bin || (bin.is_contiguous() && bin.scalar_type() == torch::kFloat && bin.numel() == K * D * G * P),
+              "bin must be an empty tensor or contiguous float32 [U, G*P] (the input projection's bias per unit)");
   TORCH_CHECK(bhh.is_contiguous() && bhh.size(0) == K * D && bhh.size(1) == G * P, "bad bhh shape");
   TORCH_CHECK(sizes.numel() == K * D && sizes.scalar_type() == torch::kLong, "sizes must be int64 [units]");
   const bool has_lengths = lengths.numel() > 0;
@@ -408,11 +422,13 @@ torch::Tensor recurrence(torch::Tensor xg, torch::Tensor whh, torch::Tensor bhh,
   }
   const int64_t* sz = sizes.data_ptr<int64_t>();
   if (whh.scalar_type() == torch::kFloat)
-    recurrence_impl(xg.data_ptr<float>(), whh.data_ptr<float>(), bhh.data_ptr<float>(), out.data_ptr<float>(),
+    recurrence_impl(xg.data_ptr<float>(), whh.data_ptr<float>(), bhh.data_ptr<float>(),
+                    has_bin ? bin.data_ptr<float>() : nullptr, out.data_ptr<float>(),
                     sz, len, K, B, T, D, G, P, is_lstm);
 #if SURGERY_AVX2
   else
-    recurrence_impl(xg.data_ptr<float>(), whh.data_ptr<at::Half>(), bhh.data_ptr<float>(), out.data_ptr<float>(),
+    recurrence_impl(xg.data_ptr<float>(), whh.data_ptr<at::Half>(), bhh.data_ptr<float>(),
+                    has_bin ? bin.data_ptr<float>() : nullptr, out.data_ptr<float>(),
                     sz, len, K, B, T, D, G, P, is_lstm);
 #endif
   return out;
