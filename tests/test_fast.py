@@ -191,14 +191,8 @@ def test_optimize_pads_pruned_mlp_widths_exactly():
         torch.testing.assert_close(run(optimized, inputs), run(model, inputs), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("is_lstm", [True, False])
-@pytest.mark.parametrize("hidden, batch", [(64, 1), (64, 5), (24, 1), (136, 6), (8, 2)])
-def test_avx512_recurrence_equals_avx2_and_the_loop(is_lstm, hidden, batch):
-    """The AVX-512 mat-vec and gates (taken by default where the CPU has them) compute what the
-    8-wide AVX2 ones and the PyTorch loop compute: every tiling (256-, 64- and 8-column blocks), a
-    masked last gate vector (24, 136 = odd multiples of 8), pruned units, right-padded lengths."""
+def _native_with_avx512():
     from replacements.native import load_kernel
-    from replacements.recurrence import _recurrence_torch, tile_columns
 
     kernel = load_kernel()
     if kernel is None and os.environ.get("SURGERY_FAST_KERNEL") != "1":
@@ -207,6 +201,20 @@ def test_avx512_recurrence_equals_avx2_and_the_loop(is_lstm, hidden, batch):
     assert kernel is not None, fast.kernel_status()["error"]
     if not kernel.avx512:
         pytest.skip("this CPU has no AVX-512: the kernel runs its AVX2 path only (tested above)")
+    return kernel
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16"])
+@pytest.mark.parametrize("is_lstm", [True, False])
+@pytest.mark.parametrize("hidden, batch", [(64, 1), (64, 5), (24, 1), (136, 6), (8, 2), (40, 3)])
+def test_avx512_recurrence_equals_avx2_and_the_loop(is_lstm, hidden, batch, precision):
+    """The AVX-512 mat-vec and gates (taken by default where the CPU has them) compute what the
+    8-wide AVX2 ones and the PyTorch loop compute: every tiling (256-, 64- and 8-column blocks), a
+    masked last gate vector (24, 136 = odd multiples of 8), pruned units, right-padded lengths, and
+    float16 weights (the loop given the same rounded weights)."""
+    from replacements.recurrence import _recurrence_torch, tile_columns
+
+    kernel = _native_with_avx512()
     generator = torch.Generator().manual_seed(hidden + batch)
     heads, steps, directions, gates = 3, 17, 2, 4 if is_lstm else 3
     units = heads * directions
@@ -220,8 +228,11 @@ def test_avx512_recurrence_equals_avx2_and_the_loop(is_lstm, hidden, batch):
     b_hh = torch.randn(units, gates * hidden, generator=generator) * 0.1
     xg = torch.randn(heads, batch, steps, directions, gates * hidden, generator=generator)
     lengths = torch.tensor([steps - (3 * b) % steps for b in range(batch)])
+    if precision == "float16":
+        w_hh = w_hh.half().float()
     reference = _recurrence_torch(xg, w_hh, b_hh, lengths, is_lstm)
-    args = (xg, tile_columns(w_hh), b_hh, torch.tensor(sizes), lengths, is_lstm)
+    tiled = tile_columns(w_hh).half() if precision == "float16" else tile_columns(w_hh)
+    args = (xg, tiled, b_hh, torch.tensor(sizes), lengths, is_lstm)
     try:
         assert kernel.use_avx512(False) is False
         narrow = kernel.recurrence(*args)
@@ -231,3 +242,27 @@ def test_avx512_recurrence_equals_avx2_and_the_loop(is_lstm, hidden, batch):
     torch.testing.assert_close(narrow, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(wide, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(wide, narrow, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mhlstm", "gru"])
+def test_avx512_decode_step_equals_avx2(kind):
+    """The decode step's AVX-512 path (both mat-vecs and the gates) gives the AVX2 path's states."""
+    kernel = _native_with_avx512()
+    from surgery.replacements.recurrence import DECODING
+
+    mixer = _mixer(kind, causal=True, heads=3, dim=48)
+    x = torch.randn(2, 1, 48)
+    state = DECODING.init_state(mixer, 2)
+    with torch.no_grad():
+        _, state = DECODING.prefill(mixer, torch.randn(2, 5, 48), None, state)
+        wide = DECODING.step(mixer, x, state)
+        try:
+            kernel.use_avx512(False)
+            narrow = DECODING.step(mixer, x, state)
+        finally:
+            kernel.use_avx512(True)
+        expected = DECODING.prefill(mixer, x, None, state)
+    for got in (wide, narrow):
+        torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=0)
+        for a, b in zip(got[1], expected[1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -103,8 +103,20 @@ inline void matvec(const W* __restrict w, const float* __restrict h, const float
 #if SURGERY_AVX512
 // acc[0:64*NT] = bias + h[0:hidden] @ W over NT consecutive 64-column tiles of the column-tiled
 // float32 layout (tile t at t*64*rows), 4 zmm accumulators per tile, all in registers.
-template <int NT>
-SURGERY_TARGET_512 inline void matvec512_tiles(const float* __restrict w, const float* __restrict h,
+// 16 (or 8) consecutive weights as floats; float16 weights (opt-in) widened on load
+SURGERY_TARGET_512 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+SURGERY_TARGET_512 inline __m512 load16(const at::Half* w) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+SURGERY_TARGET_512 inline __m256 load8w(const float* w) { return _mm256_loadu_ps(w); }
+SURGERY_TARGET_512 inline __m256 load8w(const at::Half* w) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+}
+
+// acc[0:64*NT] = bias + h[0:hidden] @ W over NT consecutive 64-column tiles of the column-tiled
+// layout (tile t at t*64*rows), 4 zmm accumulators per tile, all in registers.
+template <int NT, typename W>
+SURGERY_TARGET_512 inline void matvec512_tiles(const W* __restrict w, const float* __restrict h,
                                               const float* __restrict bias, float* __restrict acc,
                                               int64_t hidden, int64_t rows) {
   __m512 a[4 * NT];
@@ -112,8 +124,8 @@ SURGERY_TARGET_512 inline void matvec512_tiles(const float* __restrict w, const 
   for (int64_t i = 0; i < hidden; ++i) {
     const __m512 hi = _mm512_set1_ps(h[i]);
     for (int t = 0; t < NT; ++t) {
-      const float* __restrict row = w + t * 64 * rows + i * 64;
-      for (int v = 0; v < 4; ++v) a[4 * t + v] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(row + 16 * v), a[4 * t + v]);
+      const W* __restrict row = w + t * 64 * rows + i * 64;
+      for (int v = 0; v < 4; ++v) a[4 * t + v] = _mm512_fmadd_ps(hi, load16(row + 16 * v), a[4 * t + v]);
     }
   }
   for (int v = 0; v < 4 * NT; ++v) _mm512_storeu_ps(acc + 16 * v, a[v]);
@@ -122,21 +134,22 @@ SURGERY_TARGET_512 inline void matvec512_tiles(const float* __restrict w, const 
 // NB consecutive 8-column blocks of the column-tiled layout (block b at 8 * b * rows, stored
 // [rows][8]) in one pass over the rows: one dependent chain per block, run side by side, where
 // matvec_tile<1> walks the rows once per block (same products, same order, so the same sums)
-template <int NB>
-SURGERY_TARGET_512 inline void matvec512_narrow(const float* __restrict w, const float* __restrict h,
+template <int NB, typename W>
+SURGERY_TARGET_512 inline void matvec512_narrow(const W* __restrict w, const float* __restrict h,
                                                 const float* __restrict bias, float* __restrict acc,
                                                 int64_t hidden, int64_t rows) {
   __m256 a[NB];
   for (int b = 0; b < NB; ++b) a[b] = _mm256_loadu_ps(bias + 8 * b);
   for (int64_t i = 0; i < hidden; ++i) {
     const __m256 hi = _mm256_set1_ps(h[i]);
-    for (int b = 0; b < NB; ++b) a[b] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(w + b * 8 * rows + i * 8), a[b]);
+    for (int b = 0; b < NB; ++b) a[b] = _mm256_fmadd_ps(hi, load8w(w + b * 8 * rows + i * 8), a[b]);
   }
   for (int b = 0; b < NB; ++b) _mm256_storeu_ps(acc + 8 * b, a[b]);
 }
 
-// the float32 column-tiled mat-vec (same layout and result as matvec<float>, 16-wide)
-SURGERY_TARGET_512 inline void matvec512(const float* __restrict w, const float* __restrict h,
+// the column-tiled mat-vec (same layout and result as matvec<W>, 16-wide)
+template <typename W>
+SURGERY_TARGET_512 inline void matvec512(const W* __restrict w, const float* __restrict h,
                                          const float* __restrict bias, float* __restrict acc,
                                          int64_t hidden, int64_t rows, int64_t GP) {
   int64_t r = 0;
@@ -311,9 +324,9 @@ void run_group(const float* __restrict xg, const W* __restrict whh, const float*
 
 
 #if SURGERY_AVX512
-// run_group with the AVX-512 mat-vec and gates (float32 W_hh, column-tiled as for run_group)
-template <bool IS_LSTM>
-SURGERY_TARGET_512 void run_group_512(const float* __restrict whh, const float* __restrict xg, const float* __restrict bhh,
+// run_group with the AVX-512 mat-vec and gates (W_hh column-tiled as for run_group)
+template <bool IS_LSTM, typename W>
+SURGERY_TARGET_512 void run_group_512(const W* __restrict whh, const float* __restrict xg, const float* __restrict bhh,
                                       const float* __restrict bin, float* __restrict out, int64_t samples, const int64_t* lengths, bool reverse,
                                       int64_t hidden, int64_t P, int64_t x_step, int64_t o_step, int64_t x_sample,
                                       int64_t o_sample) {
@@ -332,7 +345,7 @@ SURGERY_TARGET_512 void run_group_512(const float* __restrict whh, const float* 
           if (s < lengths[b]) matvec512_tiles<1>(whh + r * P, h.data() + b * P, bhh + r, acc.data() + b * GP + r, hidden, P);
       for (; r < GP; r += 8)
         for (int64_t b = 0; b < samples; ++b)
-          if (s < lengths[b]) matvec_tile<1>(whh + r * P, h.data() + b * P, bhh + r, acc.data() + b * GP + r, hidden);
+          if (s < lengths[b]) matvec512_narrow<1>(whh + r * P, h.data() + b * P, bhh + r, acc.data() + b * GP + r, hidden, P);
     }
     for (int64_t b = 0; b < samples; ++b) {
       if (s >= lengths[b]) continue;
@@ -349,7 +362,7 @@ void recurrence_impl(const float* xp, const W* wp, const float* bp, const float*
                      const std::vector<int64_t>& len, int64_t K, int64_t B, int64_t T, int64_t D,
                      int64_t G, int64_t P, bool is_lstm) {
   const int64_t x_step = D * G * P, o_step = D * P;
-  const bool wide = std::is_same<W, float>::value && avx512_enabled();
+  const bool wide = avx512_enabled();
   // one work item = one (head, direction) and a group of up to 4 samples: independent recurrences,
   // in one parallel region for the whole call (not one per step)
   constexpr int64_t GROUP = 4;
@@ -365,7 +378,7 @@ void recurrence_impl(const float* xp, const W* wp, const float* bp, const float*
       const float* bb = bp + unit * G * P;
       const float* bi = bip ? bip + unit * G * P : nullptr;
 #if SURGERY_AVX512
-      if constexpr (std::is_same<W, float>::value) if (wide) {
+      if (wide) {
         if (is_lstm)
           run_group_512<true>(w, x, bb, bi, o, samples, len.data() + b0, d == 1, sizes[unit], P, x_step,
                               o_step, x_sample, o_sample);
@@ -442,6 +455,7 @@ void step_impl(const float* x, const float* win, const float* bin, const W* whh,
   const int64_t GP = G * P;
   // one item = (head, sample); run inline below ~256K multiply-adds (a fork costs more)
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / ((I + P) * GP));
+  const bool wide = avx512_enabled();
   at::parallel_for(0, K * B, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(2 * GP + P);
     float* ax = buf.data();
@@ -449,10 +463,21 @@ void step_impl(const float* x, const float* win, const float* bin, const W* whh,
     float* scratch = buf.data() + 2 * GP;  // gates() also writes h to an output row
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / B, b = item % B;
-      matvec(win + k * I * GP, x + (k * B + b) * I, bin + k * GP, ax, I, I, GP);
       float* hp = h + (k * B + b) * P;
-      matvec(whh + k * P * GP, hp, bhh + k * GP, ah, sizes[k], P, GP);
       float* cp = c + (k * B + b) * P;
+#if SURGERY_AVX512
+      if (wide) {
+        matvec512(win + k * I * GP, x + (k * B + b) * I, bin + k * GP, ax, I, I, GP);
+        matvec512(whh + k * P * GP, hp, bhh + k * GP, ah, sizes[k], P, GP);
+        if (is_lstm)
+          gates512<true>(ax, ah, hp, cp, scratch, P);
+        else
+          gates512<false>(ax, ah, hp, cp, scratch, P);
+        continue;
+      }
+#endif
+      matvec(win + k * I * GP, x + (k * B + b) * I, bin + k * GP, ax, I, I, GP);
+      matvec(whh + k * P * GP, hp, bhh + k * GP, ah, sizes[k], P, GP);
       if (is_lstm)
         gates<true>(ax, ah, hp, cp, scratch, P);
       else
