@@ -515,3 +515,59 @@ def test_teacher_start_fits_the_weight_beyond_the_window():
     wide = tiny_bert().eval()
     surgery.replace_attention(wide, "linear", data[0], config={"window": 12})
     assert initialise_from_teacher(wide, data, batches=2)["encoder.layer.0.attention.self"] == [1.0] * 4
+
+
+@pytest.mark.parametrize("feature_map", ["hedgehog", "elu"])
+@pytest.mark.parametrize("kv_heads", [0, 2])
+def test_encoder_inference_form_equals_the_sequence_form(kv_heads, feature_map):
+    """In eval mode without gradients an encoder site without window, decay or rotary runs
+    ``_encoder_forward`` (feature maps multiplied into one packed projection): the same function as
+    the sequence form and the token-pair reference, with and without padding; repacked when a
+    weight changes; never taken at causal sites, with a decay, under gradients or reference forms."""
+    from surgery.registry import reference_forms
+
+    mixer = _mixer(False, False, kv_heads, feature_map).eval()
+    x = torch.randn(2, 10, 12, dtype=torch.double)
+    right = torch.ones(2, 10, dtype=torch.bool)
+    right[0, 7:] = False
+    left = torch.ones(2, 10, dtype=torch.bool)
+    left[1, :3] = False
+    with torch.no_grad():
+        for mask in (None, right, left):
+            fast = mixer(x, mask)
+            assert "_encoder_cache" in mixer.__dict__
+            torch.testing.assert_close(fast, mixer.sequence(x, mask)[0], atol=1e-10, rtol=1e-9)
+            with reference_forms():
+                torch.testing.assert_close(fast, mixer(x, mask), atol=1e-10, rtol=1e-9)
+        for row, mask in ((0, right), (1, left)):  # the reference reads one row
+            torch.testing.assert_close(mixer(x[row:row + 1], mask[row:row + 1]),
+                                       _quadratic(mixer, x[row:row + 1], mask[row:row + 1]), atol=1e-10, rtol=1e-9)
+        pack = mixer.__dict__["_encoder_cache"][1]
+        mixer.k_map.mul_(1.5)  # an in-place change bumps the version: repacked
+        torch.testing.assert_close(mixer(x), mixer.sequence(x)[0], atol=1e-10, rtol=1e-9)
+        assert mixer.__dict__["_encoder_cache"][1] is not pack
+    mixer.__dict__.pop("_encoder_cache")
+    mixer(x).sum().backward()  # gradients: the sequence form, which trains every weight
+    assert "_encoder_cache" not in mixer.__dict__ and mixer.q_map.grad is not None
+    for causal, decay in ((True, False), (False, True)):
+        other = _mixer(causal, decay, kv_heads, feature_map).eval()
+        with torch.no_grad():
+            other(x)
+        assert "_encoder_cache" not in other.__dict__
+
+
+def test_encoder_inference_form_on_a_timm_vit_in_float32():
+    """The whole replaced ViT in eval mode equals its reference forms within 1e-5 (float32)."""
+    from surgery.fast import ReferenceForms
+
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    surgery.replace_attention(model, "linear", x)
+    surgery.finalize(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ReferenceForms(model)(x), atol=1e-5, rtol=1e-5)
+    assert all("_encoder_cache" in w.mixer.__dict__ for w in surgery.swap.replaced_sites(model))
