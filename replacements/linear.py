@@ -33,6 +33,7 @@ from surgery.errors import PruningError, SurgeryError
 from surgery.registry import MixerShape, ReplacementConfig, TeacherEvidence, register_replacement, using_reference_forms
 from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
 
+from .native import load_kernel
 from .recurrence import _tracing, weights_token
 
 FEATURE_MAPS = ("hedgehog", "elu")
@@ -75,6 +76,19 @@ def _feature_map(z: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "hedgehog":
         return torch.softmax(torch.stack([z, -z], dim=-2), dim=-1).flatten(-2)
     return F.elu(z) + 1
+
+
+#: False pins the native hedgehog map off (tests compare both paths)
+_NATIVE = {"hedgehog": True}
+
+
+def _native_hedgehog(z: torch.Tensor) -> Any:
+    """The native kernels' module when its hedgehog map serves ``z`` (CPU float32, an AVX-512 CPU,
+    ``replacements/csrc/feature_map.cpp``), else None (the PyTorch map runs)."""
+    if not _NATIVE["hedgehog"] or z.device.type != "cpu" or z.dtype != torch.float32:
+        return None
+    kernel = load_kernel()
+    return kernel if kernel is not None and getattr(kernel, "hedgehog_available", False) else None
 
 
 def _features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
@@ -838,10 +852,16 @@ class GatedLinearAttention(nn.Module):
         batch, length, _ = x.shape
         weight, bias, sizes = self._encoder_pack()
         z = torch.addmm(bias, x.reshape(batch * length, -1), weight)
-        zq, zk, v = (part.view(batch, length, -1, width).transpose(1, 2) for part, width in
-                     zip(z.split(sizes, dim=-1), (self.q_map.shape[-1], self.k_map.shape[-1], self.head_dim)))
-        q = _feature_map(zq, self.config.feature_map)
-        k = _feature_map(zk, self.config.feature_map)
+        zq, zk, v = z.split(sizes, dim=-1)
+        widths = (self.q_map.shape[-1], self.k_map.shape[-1], self.head_dim)
+        native = _native_hedgehog(z) if self.config.feature_map == "hedgehog" else None
+        if native is not None:  # the map and the transpose to [B, H, N, 2f] in one pass
+            q = native.hedgehog(zq, batch, self.shape.num_heads, widths[0])
+            k = native.hedgehog(zk, batch, self.kv_heads, widths[1])
+        else:
+            q, k = (_feature_map(part.view(batch, length, -1, width).transpose(1, 2), self.config.feature_map)
+                    for part, width in ((zq, widths[0]), (zk, widths[1])))
+        v = v.view(batch, length, -1, widths[2]).transpose(1, 2)
         k, v = self._repeat(k, v)
         if padding_mask is not None:
             keep = padding_mask.to(x.dtype).view(batch, 1, length, 1)

@@ -27,8 +27,8 @@ import torch
 _CSRC = Path(__file__).resolve().parent / "csrc"
 #: the recurrence kernel (kept for code that read it)
 SOURCE = _CSRC / "recurrence.cpp"
-#: the extension's sources: the recurrence, conv's token convolution and their bindings
-SOURCES = (SOURCE, _CSRC / "token_conv.cpp", _CSRC / "bindings.cpp")
+#: the extension's sources: the recurrence, conv's token convolution, linear's feature map, bindings
+SOURCES = (SOURCE, _CSRC / "token_conv.cpp", _CSRC / "feature_map.cpp", _CSRC / "bindings.cpp")
 #: headers they include (hashed with the sources, so an edit to one rebuilds)
 HEADERS = (_CSRC / "kernels.h", _CSRC / "vector_math.h")
 

@@ -571,3 +571,33 @@ def test_encoder_inference_form_on_a_timm_vit_in_float32():
     with torch.inference_mode():
         torch.testing.assert_close(model(x), ReferenceForms(model)(x), atol=1e-5, rtol=1e-5)
     assert all("_encoder_cache" in w.mixer.__dict__ for w in surgery.swap.replaced_sites(model))
+
+
+@pytest.mark.parametrize("width", [64, 5, 16, 40])
+def test_native_hedgehog_map_equals_the_pytorch_map(width, monkeypatch):
+    """The native hedgehog map (AVX-512 CPUs) gives the PyTorch map's features in the [B, H, N, 2f]
+    layout, from a column slice of a wider matrix (as the packed projection's output is read), and
+    the float32 encoder form agrees with it on and off."""
+    import replacements.linear as linear_module
+
+    z = torch.randn(2 * 7, 40 + 3 * width) * 4
+    native = linear_module._native_hedgehog(z)
+    if native is None:
+        pytest.skip("the native hedgehog map needs the compiled kernels and an AVX-512 CPU "
+                    f"({surgery.fast.kernel_status()['error'] or 'this CPU has no AVX-512'})")
+    part = z[:, 40:]
+    got = native.hedgehog(part, 2, 3, width)
+    expected = linear_module._feature_map(part.reshape(2, 7, 3, width).transpose(1, 2), "hedgehog")
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    mixer = GatedLinearAttention(MixerShape(24, 24, 3, False),
+                                 LinearAttentionConfig(feature_dim=width)).eval()
+    x = torch.randn(2, 9, 24)
+    with torch.no_grad():
+        for p in (mixer.q_map, mixer.k_map):
+            p.add_(0.3 * torch.randn_like(p))
+        on = mixer(x)
+        monkeypatch.setitem(linear_module._NATIVE, "hedgehog", False)
+        off = mixer(x)
+        reference = mixer.sequence(x)[0]
+    torch.testing.assert_close(on, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(off, reference, atol=1e-5, rtol=1e-5)

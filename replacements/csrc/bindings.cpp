@@ -10,6 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("avx512") = recurrence_avx512();
   m.def("use_avx512", &recurrence_use_avx512,
         "pin the kernels' AVX-512 paths on (where the CPU has them) or off (AVX2); returns the setting");
+  m.attr("hedgehog_available") = hedgehog_available();
+  m.def("hedgehog", &hedgehog, "linear's hedgehog feature map of a [B*N, H*f] slice into [B, H, N, 2f]");
   m.def("token_conv_gelu", &token_conv_gelu,
         "conv's depthwise token convolution with the exact GELU and the residual fused, tokens-last");
 }
