@@ -17,7 +17,8 @@ from .fitting import least_squares, masked_rows
 from .native import load_kernel
 from .recurrence import weights_token
 from surgery.errors import SurgeryError
-from surgery.registry import MixerShape, ReplacementConfig, TeacherEvidence, register_replacement, using_reference_forms
+from surgery.registry import (MixerShape, ReplacementConfig, TeacherEvidence, register_replacement, tracing,
+                              using_reference_forms)
 from surgery.units import Bundle, ReplacementPruner, UnitSet, cut_linear, score_units, shrink
 
 
@@ -247,7 +248,6 @@ def _reference_forward(pre_proj: nn.Module, convs: nn.ModuleList, out: nn.Module
 # GELU lies between them), and ``out`` cannot merge with ``pre_proj`` for the same reason; the site's
 # reused projection is multiplied into ``out`` (``folded_form``, ``FastTokenConvolution(projection=...)``).
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
 # "available": oneDNN's fused convolution op runs here and agrees (probed once); "native": False pins
 # the native token-convolution kernel off (tests run every path)
 _FUSED: dict[str, bool] = {}
@@ -257,9 +257,7 @@ _EMPTY = torch.empty(0)
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _tracing() -> bool:
-    """True under a tracer or compiler (JIT trace for FLOP counting, torch.export, dynamo)."""
-    return bool(torch.jit.is_tracing() or _is_exporting() or torch.compiler.is_compiling())
+_tracing = tracing  # surgery.registry.tracing
 
 
 def _pack(kernel: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .native import load_kernel
 from surgery.errors import SurgeryError
+from surgery.registry import is_exporting, tracing
 
 #: gate blocks per recurrent cell type (PyTorch's order: LSTM i, f, g, o; GRU r, z, n)
 GATES = {nn.LSTM: 4, nn.GRU: 3}
@@ -48,12 +49,8 @@ def gru_cell(x_gates: torch.Tensor, h_gates: torch.Tensor, h: torch.Tensor) -> t
 
 # ---------------------------------------------------------------------------- padding layout
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
-
-
-def _tracing() -> bool:
-    """True under a tracer or compiler (JIT trace, torch.export, dynamo): no native calls there."""
-    return bool(torch.jit.is_tracing() or _is_exporting() or torch.compiler.is_compiling())
+_is_exporting = is_exporting
+_tracing = tracing  # the names the replacements import (surgery.registry.tracing)
 
 
 def is_right_padded(padding_mask: torch.Tensor) -> bool:

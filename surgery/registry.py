@@ -11,6 +11,7 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
+import torch
 from torch import nn
 
 from surgery.errors import SurgeryError, UnknownNameError, close_matches
@@ -411,3 +412,17 @@ def reference_forms(enabled: bool = True) -> Iterator[None]:
 def using_reference_forms() -> bool:
     """Whether a ``reference_forms`` context is active (asked by replacement modules' forward)."""
     return _REFERENCE_FORMS.get()
+
+
+is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
+
+
+def tracing() -> bool:
+    """True under a tracer or compiler (JIT trace for FLOP counting, torch.export, dynamo): packed
+    and native inference forms step aside there, so the tracer records the reference form.
+
+    Example:
+        >>> tracing()
+        False
+    """
+    return bool(torch.jit.is_tracing() or is_exporting() or torch.compiler.is_compiling())

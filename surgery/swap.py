@@ -13,7 +13,8 @@ from surgery.decoding import decoding_form, site_call
 from surgery.errors import NoAttentionFoundError, SurgeryError, UnsupportedSiteError
 from surgery.inputs import as_args_kwargs, default_example_inputs
 from surgery.locate import _Call, _causal_probe, _first_tensor, _hidden_states, find_attention, run_example
-from surgery.registry import MixerShape, Replacement, ReplacementConfig, get_replacement, using_reference_forms
+from surgery.registry import (MixerShape, Replacement, ReplacementConfig, get_replacement, tracing,
+                              using_reference_forms)
 from surgery.sites import AttentionSite, SkippedSite
 
 #: plain attributes of the original block copied onto the wrapper, since callers read them
@@ -109,7 +110,7 @@ class ReplacedAttention(nn.Module):
         if hook is False:
             hook = get_replacement(self.replacement).folded_form
             object.__setattr__(self, "_folded_hook", hook)
-        if hook is None or _tracing():
+        if hook is None or tracing():
             return None
         projection = getattr(self, self.out_proj_attribute)
         dropout = getattr(self, self.out_dropout_attribute) if self.out_dropout_attribute else None
@@ -139,14 +140,6 @@ class ReplacedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}, replacement={self.replacement!r}, finalized={self.finalized}"
-
-
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.6
-
-
-def _tracing() -> bool:
-    """True under a tracer or compiler (JIT trace for FLOP counting, torch.export, dynamo)."""
-    return bool(torch.jit.is_tracing() or _is_exporting() or torch.compiler.is_compiling())
 
 
 def _any_hooks(module: nn.Module) -> bool:
