@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_globals  # global forward hooks (_any_hooks)
 
 from surgery.decoding import decoding_form, site_call
 from surgery.errors import NoAttentionFoundError, SurgeryError, UnsupportedSiteError
@@ -144,8 +145,6 @@ class ReplacedAttention(nn.Module):
 
 def _any_hooks(module: nn.Module) -> bool:
     """Whether ``module`` or a submodule has forward (pre-)hooks, or global module hooks are set."""
-    from torch.nn.modules import module as module_globals
-
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
